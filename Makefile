@@ -1,0 +1,31 @@
+# The README's commands. Everything installs into .venv; nothing else is needed but
+# Python >= 3.11, make and a C compiler.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/streamstore demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check streamstore tests
+	$(BIN)/ruff format --check streamstore tests
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/streamstore bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

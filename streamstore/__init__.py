@@ -1,0 +1,52 @@
+"""streamstore: a durable, replayable message bus for multi-agent and multi-user chat."""
+
+from streamstore.config import PersisterSettings, Settings
+from streamstore.errors import (
+    BackpressureError,
+    ConfigurationError,
+    ConnectionLostError,
+    CorruptEntryError,
+    EmbeddedServerError,
+    EvictionPolicyError,
+    HistoryCorruptError,
+    HistoryError,
+    MessageTooLargeError,
+    ServerError,
+    SessionClosedError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StreamStoreError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from streamstore.models import Message, Session, SessionState, StreamId
+from streamstore.persister import Persister, PersisterStats
+from streamstore.store import StreamStore
+
+__all__ = [
+    "BackpressureError",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "CorruptEntryError",
+    "EmbeddedServerError",
+    "EvictionPolicyError",
+    "HistoryCorruptError",
+    "HistoryError",
+    "Message",
+    "MessageTooLargeError",
+    "Persister",
+    "PersisterSettings",
+    "PersisterStats",
+    "ServerError",
+    "Session",
+    "SessionClosedError",
+    "SessionExistsError",
+    "SessionNotFoundError",
+    "SessionState",
+    "Settings",
+    "StreamId",
+    "StreamStore",
+    "StreamStoreError",
+    "ValidationError",
+    "WaitTimeoutError",
+]

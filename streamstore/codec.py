@@ -1,0 +1,221 @@
+"""The one place that turns messages and sessions into Redis fields and back (orjson).
+
+Everything read from Redis arrives as bytes and is decoded here, strictly: an entry that is not
+valid UTF-8 JSON of the expected shape raises :class:`CorruptEntryError` so the persister can
+dead-letter it instead of wedging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from streamstore.errors import CorruptEntryError, ValidationError
+from streamstore.models import Message, Session, SessionState, StreamId
+
+__all__ = [
+    "FeedEntry",
+    "decode_feed_entry",
+    "decode_message",
+    "decode_session_meta",
+    "encode_message",
+    "encode_metadata",
+    "encode_session",
+]
+
+# Field names inside stream entries.
+F_DATA = b"d"
+F_KIND = b"k"
+F_SESSION = b"s"
+F_STREAM_ID = b"i"
+KIND_MESSAGE = b"m"
+KIND_SESSION = b"s"
+
+
+def encode_metadata(metadata: object) -> bytes:
+    """JSON for a metadata object.
+
+    Raises:
+        ValidationError: metadata is not a JSON object with string keys.
+    """
+    if not isinstance(metadata, dict):
+        raise ValidationError(f"metadata must be a dict (JSON object), not {type(metadata).__name__}")
+    try:
+        return orjson.dumps(metadata)
+    except TypeError as exc:
+        raise ValidationError(f"metadata is not JSON-serializable: {exc}") from None
+
+
+def encode_message(message: Message) -> bytes:
+    """The payload stored in the session stream and the feed (session id and stream id are not
+    part of it: they are the stream's own).
+
+    Raises:
+        ValidationError: metadata or a text field cannot be encoded (e.g. a lone surrogate).
+    """
+    body = {
+        "id": message.id,
+        "from": message.sender,
+        "to": message.recipient,
+        "c": message.content,
+        "meta": message.metadata,
+        "ts": message.timestamp,
+    }
+    try:
+        return orjson.dumps(body)
+    except TypeError as exc:
+        raise ValidationError(f"message {message.id} cannot be encoded: {exc}") from None
+
+
+def decode_message(session_id: str, stream_id: bytes | StreamId, payload: object) -> Message:
+    """Rebuild a message from its payload.
+
+    Raises:
+        CorruptEntryError: the payload is not a message (bad UTF-8, bad JSON, wrong types).
+    """
+    body = _load_object(payload)
+    try:
+        mid, sender, content = body["id"], body["from"], body["c"]
+        recipient, metadata, ts = body.get("to"), body.get("meta"), body.get("ts", 0.0)
+    except KeyError as exc:
+        raise CorruptEntryError(f"message payload lacks field {exc}") from None
+    if not (isinstance(mid, str) and isinstance(sender, str) and isinstance(content, str)):
+        raise CorruptEntryError("message id, sender and content must be strings")
+    if recipient is not None and not isinstance(recipient, str):
+        raise CorruptEntryError("message recipient must be a string or null")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CorruptEntryError("message metadata must be an object or null")
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise CorruptEntryError("message timestamp must be a number")
+    sid = stream_id if isinstance(stream_id, StreamId) else _stream_id(stream_id)
+    return Message(
+        id=mid,
+        session_id=session_id,
+        sender=sender,
+        content=content,
+        recipient=recipient,
+        metadata=metadata,
+        timestamp=float(ts),
+        stream_id=sid,
+    )
+
+
+def encode_session(session: Session) -> bytes:
+    """The session snapshot carried by the feed to the history catalog."""
+    return orjson.dumps(
+        {
+            "participants": list(session.participants),
+            "created_at": session.created_at,
+            "last_active_at": session.last_active_at,
+            "ttl": session.ttl,
+            "metadata": session.metadata,
+            "state": str(session.state),
+        }
+    )
+
+
+def _decode_session(session_id: str, payload: object) -> Session:
+    body = _load_object(payload)
+    try:
+        participants = body["participants"]
+        if not isinstance(participants, list) or not all(isinstance(p, str) for p in participants):
+            raise CorruptEntryError("session participants must be a list of strings")
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise CorruptEntryError("session metadata must be an object")
+        ttl = body.get("ttl")
+        return Session(
+            id=session_id,
+            participants=tuple(participants),
+            created_at=float(body["created_at"]),
+            last_active_at=float(body.get("last_active_at") or body["created_at"]),
+            ttl=None if ttl is None else float(ttl),
+            metadata=metadata,
+            state=SessionState(body.get("state", "active")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptEntryError(f"session payload is malformed: {type(exc).__name__}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedEntry:
+    """One decoded partition-feed entry: a message or a session snapshot."""
+
+    feed_id: bytes
+    item: Message | Session
+
+
+def decode_feed_entry(feed_id: bytes, fields: Mapping[bytes, bytes]) -> FeedEntry:
+    """Decode a raw feed entry as read by XREADGROUP.
+
+    Raises:
+        CorruptEntryError: the entry is not a streamstore feed entry.
+    """
+    try:
+        kind, session_raw, payload = fields[F_KIND], fields[F_SESSION], fields[F_DATA]
+    except KeyError as exc:
+        raise CorruptEntryError(f"feed entry lacks field {exc}") from None
+    session_id = _text(session_raw, "session id")
+    if kind == KIND_MESSAGE:
+        stream_raw = fields.get(F_STREAM_ID)
+        if stream_raw is None:
+            raise CorruptEntryError("message feed entry lacks its stream id")
+        return FeedEntry(feed_id, decode_message(session_id, stream_raw, payload))
+    if kind == KIND_SESSION:
+        return FeedEntry(feed_id, _decode_session(session_id, payload))
+    raise CorruptEntryError(f"unknown feed entry kind {kind!r}")
+
+
+def decode_session_meta(session_id: str, meta: Mapping[bytes, bytes]) -> Session:
+    """Rebuild a session from its Redis meta hash (as returned by HGETALL).
+
+    Raises:
+        CorruptEntryError: the hash is not a streamstore session.
+    """
+    try:
+        participants = orjson.loads(meta[b"participants"])
+        metadata = orjson.loads(meta.get(b"metadata", b"{}"))
+        ttl_raw = meta.get(b"ttl", b"")
+        last_id = meta.get(b"last_id")
+        return Session(
+            id=session_id,
+            participants=tuple(participants),
+            created_at=float(meta[b"created_at"]),
+            last_active_at=float(meta.get(b"last_active", meta[b"created_at"])),
+            ttl=float(ttl_raw) if ttl_raw else None,
+            metadata=metadata,
+            state=SessionState(meta[b"state"].decode()),
+            message_count=int(meta.get(b"count", b"0")),
+            last_stream_id=StreamId.parse(last_id) if last_id else None,
+        )
+    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        raise CorruptEntryError(f"session meta is malformed: {type(exc).__name__}") from None
+
+
+def _load_object(payload: object) -> dict[str, Any]:
+    if not isinstance(payload, bytes | str):
+        raise CorruptEntryError("payload is not text")
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise CorruptEntryError("payload is not valid UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise CorruptEntryError("payload is not a JSON object")
+    return body
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptEntryError(f"{what} is not valid UTF-8") from None
+
+
+def _stream_id(raw: bytes) -> StreamId:
+    try:
+        return StreamId.parse(raw)
+    except ValidationError:
+        raise CorruptEntryError("stream id is malformed") from None

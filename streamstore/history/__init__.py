@@ -1,0 +1,91 @@
+"""Durable history: the HistoryStore protocol and the URL-chosen implementations.
+
+``sqlite:///path.db`` (default, embedded) and ``memory://`` (tests) ship today; each lives in its
+own module, imported only when its scheme is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from streamstore.errors import ConfigurationError
+from streamstore.models import Message, Session, StreamId
+
+__all__ = ["HistoryStore", "history_from_url"]
+
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """What the persister writes to and what replay reads from.
+
+    Messages are unique per ``(session_id, id)`` and per ``(session_id, stream_id)``, and are
+    read back in stream-id order. Every method may raise :class:`~streamstore.errors.HistoryError`.
+    """
+
+    async def open(self) -> None:
+        """Create or check the schema; must be called once before any other method.
+
+        Raises:
+            HistoryCorruptError: the database is damaged or is not a streamstore database.
+        """
+
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    async def write_batch(
+        self, messages: Sequence[Message], sessions: Sequence[Session] = ()
+    ) -> int:
+        """Store a batch in one transaction and return how many messages were new.
+
+        ``sessions`` are catalog snapshots (created/closed/deleted) applied before the
+        messages. Messages already stored (same session and id, or same session and stream
+        id) are skipped, so a redelivered batch changes nothing. The catalog's message count,
+        last activity and last stream id are updated from the new messages. Either all of it
+        commits or none of it does.
+        """
+
+    async def read(
+        self,
+        session_id: str,
+        *,
+        after: StreamId | None = None,
+        before: StreamId | None = None,
+        limit: int = 100,
+        newest_first: bool = False,
+    ) -> list[Message]:
+        """Messages of one session with ``after < stream_id < before``.
+
+        At most ``limit``, in ascending stream-id order, or descending with ``newest_first``
+        (the page nearest ``before``).
+        """
+
+    async def get_session(self, session_id: str) -> Session | None:
+        """The catalog entry of a session, or None."""
+
+    async def list_sessions(self, *, after: str | None = None, limit: int = 100) -> list[Session]:
+        """Catalog entries ordered by session id, starting after ``after``."""
+
+    async def count_messages(self, session_id: str | None = None) -> int:
+        """How many messages are stored, in one session or in all."""
+
+
+def history_from_url(url: str) -> HistoryStore:
+    """Build (not open) the history store named by ``url``.
+
+    Raises:
+        ConfigurationError: the scheme is unknown or the URL is malformed.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from streamstore.history.sqlite import SQLiteHistory
+
+        return SQLiteHistory.from_url(url)
+    if scheme == "memory":
+        from streamstore.history.memory import MemoryHistory
+
+        return MemoryHistory()
+    raise ConfigurationError(
+        f"unknown history URL scheme {scheme!r}: expected sqlite:///path.db or memory://"
+    )

@@ -1,0 +1,340 @@
+"""Persister: partition feeds -> history, through one consumer group, acknowledging after commit.
+
+Each consumer-group step is written once: create the group (idempotent, at ``0`` so no backlog
+is skipped), re-read our own pending entries, read new ones, claim entries of dead consumers,
+commit, acknowledge, advance watermarks and trim, dead-letter what cannot be decoded, recover
+from NOGROUP. History writes are idempotent, so every redelivery is absorbed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from streamstore.codec import FeedEntry, decode_feed_entry
+from streamstore.config import PersisterSettings
+from streamstore.errors import (
+    ConnectionLostError,
+    CorruptEntryError,
+    HistoryError,
+    ServerError,
+    translate_redis_errors,
+)
+from streamstore.keys import GROUP
+from streamstore.models import Message, Session, StreamId
+from streamstore.store import StreamStore
+
+__all__ = ["CRASH_POINT_ENV", "Persister", "PersisterStats"]
+
+log = logging.getLogger(__name__)
+
+CRASH_POINT_ENV = "STREAMSTORE_CRASH_POINT"
+"""Fault tests set this to ``after_read``, ``after_commit`` or ``during_claim``: the process
+then kills itself with SIGKILL at that point of its first batch there."""
+
+COMMIT_DEADLINE = 30.0
+"""How long a graceful stop waits for the batch in hand to commit and be acknowledged."""
+
+Raw = tuple[str, bytes, dict[bytes, bytes]]
+"""A feed entry as read: (feed key, entry id, fields)."""
+
+
+@dataclass
+class PersisterStats:
+    """Counters since the persister started."""
+
+    read: int = 0
+    persisted: int = 0
+    duplicates: int = 0
+    sessions: int = 0
+    dead_lettered: int = 0
+    claimed: int = 0
+    batches: int = 0
+    errors: int = 0
+    last_batch: int = 0
+    commit_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The counters as a plain dict."""
+        return dict(vars(self))
+
+
+@dataclass
+class _Batch:
+    messages: list[Message] = field(default_factory=list)
+    sessions: list[Session] = field(default_factory=list)
+    ids: dict[str, list[bytes]] = field(default_factory=dict)
+    # per feed, per session: (highest stream id, feed id of that entry)
+    marks: dict[str, dict[str, tuple[StreamId, bytes]]] = field(default_factory=dict)
+
+
+class Persister:
+    """Moves every message from the partition feeds into history exactly once.
+
+    ``run()`` works until cancelled or :meth:`stop` (and stops gracefully on SIGTERM when
+    ``handle_signals``); ``drain()`` processes what is in the feeds now and returns.
+    """
+
+    def __init__(self, store: StreamStore, settings: PersisterSettings | None = None) -> None:
+        self._store = store
+        self._client = store.client
+        self._history = store.history_store
+        self._keys = store.keys
+        self._settings = settings if settings is not None else PersisterSettings.from_env()
+        self._consumer = self._settings.consumer
+        self._stopping = False
+        self._crash_point = os.environ.get(CRASH_POINT_ENV)
+        self.stats = PersisterStats()
+
+    @property
+    def consumer(self) -> str:
+        """This persister's consumer name in the group."""
+        return self._consumer
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop after the batch in hand is committed and acknowledged."""
+        self._stopping = True
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = False,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Persist until cancelled or stopped; readiness is announced once groups exist.
+
+        Errors from Redis or history are logged and retried with backoff; nothing is
+        acknowledged until it is committed.
+        """
+        await self._retrying(self._ensure_groups)
+        async with anyio.create_task_group() as tg:
+            if handle_signals:
+                tg.start_soon(self._watch_signals)
+            task_status.started()
+            try:
+                await self._loop()
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def drain(self) -> PersisterStats:
+        """Process everything in the feeds now (own pending, idle entries of dead consumers,
+        then new entries) and return the counters.
+
+        Raises:
+            ConnectionLostError, ServerError, HistoryError: as they happen (no retry).
+        """
+        await self._ensure_groups()
+        await self._reprocess_own_pending()
+        await self._claim_idle()
+        while batch := await self._read(">", block_ms=None):
+            await self._process(batch)
+        return self.stats
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        block_ms = max(1, int(self._store.settings.block_s * 1000))
+        backoff = self._settings.retry_backoff_s
+        recover = True
+        next_claim = 0.0
+        while not self._stopping:
+            try:
+                if recover:
+                    await self._reprocess_own_pending()
+                    recover = False
+                if time.monotonic() >= next_claim:
+                    await self._claim_idle()
+                    next_claim = time.monotonic() + self._settings.claim_interval_s
+                batch = await self._read(">", block_ms=block_ms)
+                if batch and not self._stopping:
+                    await self._process(batch)
+                elif batch:  # read but stopping: leave it pending for our next start
+                    break
+                backoff = self._settings.retry_backoff_s
+            except (ConnectionLostError, ServerError, HistoryError) as exc:
+                self.stats.errors += 1
+                log.warning("persister %s: %s; retrying in %.1f s", self._consumer, exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                recover = True
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("persister %s: signal %d, stopping gracefully", self._consumer, signum)
+                self.stop()
+                return
+
+    async def _retrying(self, step: Any) -> None:
+        backoff = self._settings.retry_backoff_s
+        while True:
+            try:
+                await step()
+                return
+            except (ConnectionLostError, ServerError) as exc:
+                log.warning("persister %s: %s; retrying", self._consumer, exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # -- consumer-group steps ---------------------------------------------------------------
+
+    async def _ensure_groups(self) -> None:
+        """Create the group on every feed at ``0`` (never ``$``: that would skip the backlog)."""
+        for feed in self._keys.feeds():
+            try:
+                with translate_redis_errors():
+                    await self._client.xgroup_create(feed, GROUP, id="0", mkstream=True)
+            except ServerError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _read(self, start: str, *, block_ms: int | None) -> list[Raw]:
+        """XREADGROUP on every feed: ``>`` for new entries, ``0`` for our own pending ones."""
+        streams = dict.fromkeys(self._keys.feeds(), start)
+        reply = await self._group_call(
+            self._client.xreadgroup,
+            GROUP,
+            self._consumer,
+            streams,  # type: ignore[arg-type]
+            count=self._settings.batch_size,
+            block=block_ms,
+        )
+        out: list[Raw] = []
+        for feed, entries in reply or []:
+            name = feed.decode()
+            out.extend((name, entry_id, fields) for entry_id, fields in entries if fields)
+        return out
+
+    async def _reprocess_own_pending(self) -> None:
+        """Entries delivered to this consumer but never acknowledged (we crashed or failed)."""
+        while batch := await self._read("0", block_ms=None):
+            await self._process(batch)
+            if len(batch) < self._settings.batch_size:
+                return
+
+    async def _claim_idle(self) -> None:
+        """Take over entries that other consumers left pending longer than ``claim_idle``."""
+        idle_ms = int(self._settings.claim_idle_s * 1000)
+        for feed in self._keys.feeds():
+            start = "0-0"
+            while True:
+                reply = await self._group_call(
+                    self._client.xautoclaim,
+                    feed,
+                    GROUP,
+                    self._consumer,
+                    idle_ms,
+                    start_id=start,
+                    count=self._settings.batch_size,
+                )
+                next_start, entries = reply[0], reply[1]
+                batch = [(feed, entry_id, fields) for entry_id, fields in entries if fields]
+                if batch:
+                    self.stats.claimed += len(batch)
+                    self._maybe_crash("during_claim")
+                    await self._process(batch)
+                if next_start in (b"0-0", "0-0"):
+                    break
+                start = next_start.decode() if isinstance(next_start, bytes) else next_start
+
+    async def _group_call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call a group command; on NOGROUP (server restarted empty, group deleted) recreate the
+        groups at ``0`` and call again: redelivered entries are absorbed by idempotent writes."""
+        for attempt in range(2):
+            try:
+                with translate_redis_errors():
+                    return await method(*args, **kwargs)
+            except ServerError as exc:
+                if "NOGROUP" not in str(exc) or attempt:
+                    raise
+                log.warning("persister %s: consumer group missing; recreating", self._consumer)
+                await self._ensure_groups()
+        raise AssertionError("unreachable")
+
+    # -- one batch --------------------------------------------------------------------------
+
+    async def _process(self, raw: list[Raw]) -> None:
+        """Decode, commit, acknowledge, advance watermarks; dead-letter what does not decode."""
+        self.stats.read += len(raw)
+        self._maybe_crash("after_read")
+        batch = _Batch()
+        poison: list[tuple[str, bytes, dict[bytes, bytes], str]] = []
+        for feed, entry_id, fields in raw:
+            try:
+                entry = decode_feed_entry(entry_id, fields)
+            except CorruptEntryError as exc:
+                poison.append((feed, entry_id, fields, str(exc)))
+                continue
+            _add(batch, feed, entry)
+        with anyio.move_on_after(COMMIT_DEADLINE, shield=True):
+            started = time.perf_counter()
+            new = await self._history.write_batch(batch.messages, batch.sessions)
+            self.stats.commit_seconds += time.perf_counter() - started
+            self._maybe_crash("after_commit")
+            await self._acknowledge(batch, poison)
+        self.stats.batches += 1
+        self.stats.last_batch = len(raw)
+        self.stats.persisted += new
+        self.stats.duplicates += len(batch.messages) - new
+        self.stats.sessions += len(batch.sessions)
+        self.stats.dead_lettered += len(poison)
+        log.debug(
+            "persister %s: batch of %d, %d new, %d dead-lettered",
+            self._consumer, len(raw), new, len(poison),
+        )
+
+    async def _acknowledge(
+        self, batch: _Batch, poison: list[tuple[str, bytes, dict[bytes, bytes], str]]
+    ) -> None:
+        now_ms = int(time.time() * 1000)
+        hot_ms = int(self._store.settings.hot_tail_s * 1000)
+        with translate_redis_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for feed, entry_id, fields, reason in poison:
+                    pipe.xadd(self._keys.dead_letters, _dead_letter(feed, entry_id, fields, reason))
+                    batch.ids.setdefault(feed, []).append(entry_id)
+                for feed, ids in batch.ids.items():
+                    pipe.xack(feed, GROUP, *ids)
+                    keys: list[str] = [feed]
+                    args: list[Any] = [GROUP, now_ms, hot_ms]
+                    for session_id, (mark, feed_id) in batch.marks.get(feed, {}).items():
+                        session = self._keys.session(session_id)
+                        keys += [session.meta, session.stream]
+                        args += [str(mark), feed_id]
+                    self._store._scripts.advance(keys=keys, args=args, client=pipe)
+                await pipe.execute()
+
+    def _maybe_crash(self, point: str) -> None:
+        if self._crash_point == point:
+            log.warning("persister %s: crash point %s reached, SIGKILL", self._consumer, point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _add(batch: _Batch, feed: str, entry: FeedEntry) -> None:
+    batch.ids.setdefault(feed, []).append(entry.feed_id)
+    item = entry.item
+    if isinstance(item, Session):
+        batch.sessions.append(item)
+        return
+    batch.messages.append(item)
+    assert item.stream_id is not None
+    marks = batch.marks.setdefault(feed, {})
+    previous = marks.get(item.session_id)
+    if previous is None or previous[0] < item.stream_id:
+        marks[item.session_id] = (item.stream_id, entry.feed_id)
+
+
+def _dead_letter(
+    feed: str, entry_id: bytes, fields: dict[bytes, bytes], reason: str
+) -> dict[bytes | str, bytes | str]:
+    out: dict[bytes | str, bytes | str] = {"feed": feed, "id": entry_id, "reason": reason}
+    for name, value in fields.items():
+        out[b"f:" + name] = value
+    return out

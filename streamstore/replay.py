@@ -1,0 +1,191 @@
+"""Reading a session across both tiers, history then the Redis stream then live, with no gap.
+
+The rule that makes it gapless: a session stream is trimmed only below its *floor*, and every
+message below the floor is already in history. Each step reads the stream and the floor in one
+atomic script; whatever lies between the reader's cursor and the floor comes from history, the
+rest from the stream. A live read (XREAD BLOCK) is pipelined with a read of the floor, and its
+result is discarded if the floor passed the cursor meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from redis.asyncio import Redis
+
+from streamstore.codec import F_DATA, decode_message
+from streamstore.config import Settings
+from streamstore.errors import ConnectionLostError, CorruptEntryError, translate_redis_errors
+from streamstore.history import HistoryStore
+from streamstore.keys import Keyspace
+from streamstore.models import STREAM_START, Message, SessionState, StreamId
+from streamstore.scripts import Scripts
+
+__all__ = ["SessionReader"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_END = StreamId(2**63, 0)
+"""Above every real stream id: the floor of a session that lives only in history."""
+
+PAGE = 500
+
+
+class SessionReader:
+    """Gapless reads of one session for ``replay``, ``subscribe`` and ``history``."""
+
+    def __init__(
+        self,
+        client: Redis,
+        scripts: Scripts,
+        history: HistoryStore,
+        keys: Keyspace,
+        settings: Settings,
+    ) -> None:
+        self._client = client
+        self._scripts = scripts
+        self._history = history
+        self._keys = keys
+        self._settings = settings
+
+    async def follow(
+        self, session_id: str, *, after: StreamId, follow: bool
+    ) -> AsyncIterator[Message]:
+        """Every message with stream id > ``after``, in order, each once; with ``follow``, then
+        the live ones until the session is closed.
+
+        Raises:
+            ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
+        """
+        cursor = after
+        while True:
+            state, floor, entries = await self._snapshot(session_id, "fwd", cursor, PAGE)
+            if floor > cursor:
+                async for message in self._history_range(session_id, cursor, floor):
+                    cursor = message.stream_id or cursor
+                    yield message
+            for message in entries:
+                cursor = message.stream_id or cursor
+                yield message
+            if len(entries) == PAGE:
+                continue
+            if not follow or state is not SessionState.ACTIVE:
+                return
+            async for message in self._live(session_id, cursor):
+                cursor = message.stream_id or cursor
+                yield message
+
+    async def page(
+        self,
+        session_id: str,
+        *,
+        limit: int,
+        before: StreamId | None,
+        after: StreamId | None,
+    ) -> list[Message]:
+        """A window of at most ``limit`` messages in ascending order: the first ones after
+        ``after`` if it is given, else the last ones before ``before`` (or the newest)."""
+        if after is not None:
+            out: list[Message] = []
+            async for message in self.follow(session_id, after=after, follow=False):
+                out.append(message)
+                if len(out) >= limit:
+                    break
+            return out
+        top = "+" if before is None else str(before)
+        _, floor, entries = await self._snapshot(session_id, "rev", top, limit)
+        newest = list(reversed(entries))
+        missing = limit - len(newest)
+        if missing > 0 and floor > STREAM_START:
+            bound = min(floor, before or _END)
+            if newest and newest[0].stream_id is not None:
+                bound = min(bound, newest[0].stream_id)
+            older = await self._history.read(
+                session_id, before=bound, limit=missing, newest_first=True
+            )
+            newest = list(reversed(older)) + newest
+        return newest
+
+    async def _snapshot(
+        self, session_id: str, direction: str, bound: StreamId | str, count: int
+    ) -> tuple[SessionState | None, StreamId, list[Message]]:
+        keys = self._keys.session(session_id)
+        raw = await self._retrying(
+            lambda: self._scripts.read_tail(
+                keys=[keys.meta, keys.stream], args=[direction, str(bound), count]
+            )
+        )
+        state_raw, floor_raw, entries = raw
+        if not state_raw:  # no live keys: the session is entirely in history (or unknown)
+            return None, _END, []
+        floor = StreamId.parse(floor_raw) if floor_raw else STREAM_START
+        return SessionState(state_raw.decode()), floor, self._decode(session_id, entries)
+
+    async def _history_range(
+        self, session_id: str, after: StreamId, before: StreamId
+    ) -> AsyncIterator[Message]:
+        cursor = after
+        while True:
+            rows = await self._history.read(session_id, after=cursor, before=before, limit=PAGE)
+            for row in rows:
+                cursor = row.stream_id or cursor
+                yield row
+            if len(rows) < PAGE:
+                return
+
+    async def _live(self, session_id: str, cursor: StreamId) -> AsyncIterator[Message]:
+        """Blocking reads after ``cursor``; returns when the floor passes the cursor (the caller
+        then catches up from history) or the session stops being active."""
+        keys = self._keys.session(session_id)
+        block_ms = max(1, int(self._settings.block_s * 1000))
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.xread({keys.stream: str(cursor)}, count=PAGE, block=block_ms)
+                pipe.hmget(keys.meta, "floor", "state")
+                result: list[Any] = await pipe.execute()
+                return result
+
+        while True:
+            streams, (floor_raw, state_raw) = await self._retrying(read)
+            floor = StreamId.parse(floor_raw) if floor_raw else STREAM_START
+            if not state_raw or floor > cursor:
+                return
+            entries = streams[0][1] if streams else []
+            for message in self._decode(session_id, entries):
+                cursor = message.stream_id or cursor
+                yield message
+            if not entries and state_raw != b"active":
+                return
+
+    @staticmethod
+    def _decode(session_id: str, entries: list[Any]) -> list[Message]:
+        out = []
+        for entry_id, fields in entries:
+            try:
+                out.append(decode_message(session_id, StreamId.parse(entry_id), fields[F_DATA]))
+            except (CorruptEntryError, KeyError):
+                # Only the publish script writes session streams; a foreign entry is skipped
+                # here (the feed copy is dead-lettered by the persister).
+                log.warning("skipping undecodable entry %s in session %s", entry_id, session_id)
+        return out
+
+    async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a read, retrying lost connections with backoff for ``reconnect_timeout``."""
+        deadline = time.monotonic() + self._settings.reconnect_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                with translate_redis_errors():
+                    return await call()
+            except ConnectionLostError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("connection lost while reading; retrying in %.2f s", delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)

@@ -1,0 +1,504 @@
+"""StreamStore: the public facade for sessions, publishing, subscribing and replay."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import anyio
+import orjson
+import redis.exceptions
+from redis.asyncio import Redis
+
+from streamstore.codec import decode_session_meta, encode_message, encode_metadata, encode_session
+from streamstore.config import Settings
+from streamstore.connection import ServerInfo, check_server, connect
+from streamstore.embedded import EmbeddedServer
+from streamstore.errors import (
+    MessageTooLargeError,
+    SessionClosedError,
+    SessionExistsError,
+    SessionNotFoundError,
+    ValidationError,
+    WaitTimeoutError,
+    translate_redis_errors,
+)
+from streamstore.history import HistoryStore, history_from_url
+from streamstore.keys import Keyspace
+from streamstore.models import (
+    STREAM_START,
+    Message,
+    Session,
+    StreamId,
+    new_message_id,
+    validate_message_id,
+    validate_name,
+    validate_session_id,
+)
+from streamstore.replay import SessionReader
+from streamstore.scripts import Scripts
+
+__all__ = ["StreamStore"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT: Final = object()
+_MESSAGE_FIELDS = frozenset({"sender", "content", "recipient", "metadata", "id", "timestamp"})
+Cursor = StreamId | str
+
+
+class StreamStore:
+    """A connection to a streamstore deployment: Redis for the live tier, a history store for
+    the durable one. Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        client: Redis,
+        history: HistoryStore,
+        server: ServerInfo,
+        url: str,
+    ) -> None:
+        self.settings = settings
+        self.keys = Keyspace(settings.key_prefix, settings.partitions)
+        self.server = server
+        self.url = url
+        self._client = client
+        self._history = history
+        self._scripts = Scripts.register(client)
+        self._reader = SessionReader(client, self._scripts, history, self.keys, settings)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        redis_url: str | None = None,
+        history_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        **options: Any,
+    ) -> AsyncIterator[StreamStore]:
+        """Connect (starting the embedded server when no Redis URL is given) and open history.
+
+        Settings come from ``settings`` or ``STREAMSTORE_*`` variables, then ``options`` and
+        the two URLs on top.
+
+        Raises:
+            ConfigurationError: settings are invalid, or the partition count differs from the
+                deployment's.
+            EmbeddedServerError: no server binary, or it failed to start.
+            EvictionPolicyError: the server may evict keys (see ``eviction_check``).
+            ConnectionLostError: the server cannot be reached.
+            HistoryError: the history store cannot be opened.
+        """
+        base = settings if settings is not None else Settings.from_env()
+        if redis_url is not None:
+            options["redis_url"] = redis_url
+        if history_url is not None:
+            options["history_url"] = history_url
+        resolved = base.replace(**options) if options else base
+        async with contextlib.AsyncExitStack() as stack:
+            url = resolved.redis_url
+            if url is None:
+                server = EmbeddedServer(data_dir=_embedded_dir(resolved))
+                await anyio.to_thread.run_sync(server.start)
+                stack.push_async_callback(anyio.to_thread.run_sync, server.stop)
+                url = server.url
+            client = connect(url, resolved)
+            stack.push_async_callback(client.aclose)
+            keys = Keyspace(resolved.key_prefix, resolved.partitions)
+            info = await check_server(client, resolved, keys)
+            history = history_from_url(resolved.history_url)
+            await history.open()
+            stack.push_async_callback(history.close)
+            yield cls(settings=resolved, client=client, history=history, server=info, url=url)
+
+    @property
+    def history_store(self) -> HistoryStore:
+        """The durable tier (shared with a persister running in this process)."""
+        return self._history
+
+    @property
+    def client(self) -> Redis:
+        """The redis-py client (shared with a persister running in this process)."""
+        return self._client
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        participants: Iterable[str] = (),
+        *,
+        id: str | None = None,
+        ttl: float | None | object = _DEFAULT,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Session:
+        """Create an active session.
+
+        Args:
+            participants: names taking part (informational; anyone may publish).
+            id: the session id (default: a new time-ordered id).
+            ttl: idle seconds before the sweeper closes it (default ``settings.session_ttl``,
+                None: never).
+            metadata: a JSON object stored with the session.
+
+        Raises:
+            ValidationError: a bad id, participant, ttl or metadata.
+            SessionExistsError: the id is taken (in Redis or in history).
+        """
+        session_id = validate_session_id(id) if id is not None else new_message_id()
+        names = tuple(validate_name(p, "participant") for p in participants)
+        ttl_s = self.settings.session_ttl_s if ttl is _DEFAULT else ttl
+        if ttl_s is not None and (
+            isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or ttl_s <= 0
+        ):
+            raise ValidationError("ttl must be a positive number of seconds or None")
+        meta_json = encode_metadata(dict(metadata or {}))
+        if id is not None and await self._history.get_session(session_id) is not None:
+            raise SessionExistsError(session_id)
+        now = time.time()
+        session = Session(
+            id=session_id,
+            participants=names,
+            created_at=now,
+            last_active_at=now,
+            ttl=None if ttl_s is None else float(ttl_s),
+            metadata=orjson.loads(meta_json),
+        )
+        keys = self.keys.session(session_id)
+        try:
+            with translate_redis_errors():
+                await self._scripts.create_session(
+                    keys=[keys.meta, keys.index, keys.deadlines, keys.feed],
+                    args=[
+                        session_id,
+                        repr(now),
+                        orjson.dumps(list(names)),
+                        "" if session.ttl is None else repr(session.ttl),
+                        meta_json,
+                        encode_session(session),
+                    ],
+                )
+        except Exception as exc:
+            _raise_script_error(exc, session_id)
+            raise
+        return session
+
+    async def get_session(self, session_id: str) -> Session:
+        """The session, from Redis while it is live, else from the history catalog.
+
+        Raises:
+            ValidationError: the id is malformed.
+            SessionNotFoundError: neither tier knows it.
+        """
+        validate_session_id(session_id)
+        with translate_redis_errors():
+            meta = await self._client.hgetall(self.keys.session(session_id).meta)
+        if meta:
+            return decode_session_meta(session_id, meta)
+        stored = await self._history.get_session(session_id)
+        if stored is None:
+            raise SessionNotFoundError(session_id)
+        return stored
+
+    async def list_sessions(self, *, after: str | None = None, limit: int = 100) -> list[Session]:
+        """Sessions ordered by id, live ones and those only in history, ``limit`` per page;
+        pass the last id of a page as ``after`` for the next one. No keyspace SCAN is used.
+
+        Raises:
+            ValidationError: ``limit`` is not positive or ``after`` is malformed.
+        """
+        if limit < 1:
+            raise ValidationError("limit must be positive")
+        start = b"-" if after is None else b"(" + validate_session_id(after).encode()
+        with translate_redis_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for p in range(self.keys.partitions):
+                    pipe.zrangebylex(self.keys.index(p), start, b"+", start=0, num=limit)
+                pages: list[list[bytes]] = await pipe.execute()
+        live = sorted({sid.decode() for page in pages for sid in page})[:limit]
+        with translate_redis_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for sid in live:
+                    pipe.hgetall(self.keys.session(sid).meta)
+                metas: list[dict[bytes, bytes]] = await pipe.execute()
+        merged = {
+            sid: decode_session_meta(sid, meta) for sid, meta in zip(live, metas) if meta
+        }
+        for stored in await self._history.list_sessions(after=after, limit=limit):
+            merged.setdefault(stored.id, stored)
+        return [merged[sid] for sid in sorted(merged)[:limit]]
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        session_id: str,
+        *,
+        sender: str,
+        content: str,
+        recipient: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        id: str | None = None,
+        timestamp: float | None = None,
+    ) -> Message:
+        """Append one message to a session; when this returns, the message is in Redis (session
+        stream and partition feed) and will reach history exactly once.
+
+        A repeated ``id`` within ``dedup_window`` is not stored again: the first message's
+        stream id is returned.
+
+        Raises:
+            ValidationError: bad session id, sender, recipient, content, metadata or id.
+            MessageTooLargeError: the encoded message exceeds ``max_message_bytes``.
+            SessionNotFoundError: no live session has this id.
+            SessionClosedError: the session is closed or deleted.
+            BackpressureError: the server is out of memory.
+            ConnectionLostError: the server cannot be reached.
+        """
+        spec = {"sender": sender, "content": content, "recipient": recipient,
+                "metadata": metadata, "id": id, "timestamp": timestamp}
+        (message,) = await self.publish_many(session_id, [spec])
+        return message
+
+    async def publish_many(
+        self, session_id: str, messages: Iterable[Mapping[str, Any]]
+    ) -> list[Message]:
+        """Append several messages to one session in one atomic round trip.
+
+        Each item holds the keyword arguments of :meth:`publish`. Every item is validated
+        before anything is written; then all of them are stored, or none.
+
+        Raises:
+            ValidationError: an item is malformed (nothing is written).
+            MessageTooLargeError: an item is too large (nothing is written).
+            SessionNotFoundError, SessionClosedError, BackpressureError, ConnectionLostError:
+                as for :meth:`publish`.
+        """
+        validate_session_id(session_id)
+        drafts = [self._draft(session_id, spec) for spec in messages]
+        if not drafts:
+            return []
+        keys = self.keys.session(session_id)
+        window_ms = max(1, int(self.settings.dedup_window_s * 1000))
+        now = time.time()
+        bucket = int(now * 1000) // window_ms
+        args: list[Any] = [session_id, repr(now), 2 * window_ms + 1000]
+        for message, payload in drafts:
+            args.extend((message.id, payload))
+        try:
+            with translate_redis_errors():
+                reply = await self._scripts.publish(
+                    keys=[
+                        keys.meta,
+                        keys.stream,
+                        keys.feed,
+                        keys.deadlines,
+                        self.keys.dedup(keys.partition, bucket),
+                        self.keys.dedup(keys.partition, bucket - 1),
+                    ],
+                    args=args,
+                )
+        except Exception as exc:
+            _raise_script_error(exc, session_id)
+            raise
+        out = []
+        for (message, _), stream_id in zip(drafts, reply[::2], strict=True):
+            out.append(_with_stream_id(message, StreamId.parse(stream_id)))
+        return out
+
+    def _draft(self, session_id: str, spec: Mapping[str, Any]) -> tuple[Message, bytes]:
+        unknown = set(spec) - _MESSAGE_FIELDS
+        if unknown:
+            raise ValidationError(f"unknown message fields: {sorted(unknown)}")
+        content = spec.get("content")
+        if not isinstance(content, str):
+            raise ValidationError(f"content must be a str, not {type(content).__name__}")
+        if len(content) > self.settings.max_message_bytes:  # cheap early bound (chars <= bytes)
+            raise MessageTooLargeError(
+                f"content is larger than max_message_bytes ({self.settings.max_message_bytes})"
+            )
+        recipient = spec.get("recipient")
+        metadata = spec.get("metadata")
+        message_id = spec.get("id")
+        timestamp = spec.get("timestamp")
+        if timestamp is not None and (
+            isinstance(timestamp, bool) or not isinstance(timestamp, int | float)
+        ):
+            raise ValidationError("timestamp must be a number of seconds")
+        message = Message(
+            id=new_message_id() if message_id is None else validate_message_id(message_id),
+            session_id=session_id,
+            sender=validate_name(spec.get("sender"), "sender"),
+            content=content,
+            recipient=None if recipient is None else validate_name(recipient, "recipient"),
+            metadata=None if metadata is None else orjson.loads(encode_metadata(dict(metadata))),
+            timestamp=time.time() if timestamp is None else float(timestamp),
+        )
+        payload = encode_message(message)
+        if len(payload) > self.settings.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message {message.id} is {len(payload)} bytes encoded, over max_message_bytes "
+                f"({self.settings.max_message_bytes})"
+            )
+        return message, payload
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        session_id: str,
+        *,
+        after: Cursor = "$",
+        recipient: str | None = None,
+    ) -> AsyncIterator[Message]:
+        """Live messages of a session, from now (``after="$"``) or after a cursor, until the
+        session closes. Survives dropped connections without losing or repeating a message.
+
+        Raises:
+            ValidationError: bad session id, cursor or recipient.
+            SessionNotFoundError: the session is unknown.
+            ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
+        """
+        start = await self._resolve(session_id, after)
+        async for message in self._reader.follow(session_id, after=start, follow=True):
+            if recipient is None or message.is_for(recipient):
+                yield message
+
+    async def replay(
+        self,
+        session_id: str,
+        *,
+        after: Cursor | None = None,
+        follow: bool = False,
+        recipient: str | None = None,
+    ) -> AsyncIterator[Message]:
+        """Every message after ``after`` (default: from the start), from history and then
+        Redis, in stream-id order, each exactly once; with ``follow``, continue live.
+
+        Raises:
+            ValidationError: bad session id or cursor.
+            SessionNotFoundError: the session is unknown.
+            ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
+        """
+        start = await self._resolve(session_id, after if after is not None else STREAM_START)
+        async for message in self._reader.follow(session_id, after=start, follow=follow):
+            if recipient is None or message.is_for(recipient):
+                yield message
+
+    async def history(
+        self,
+        session_id: str,
+        *,
+        limit: int = 50,
+        before: Cursor | None = None,
+        after: Cursor | None = None,
+    ) -> list[Message]:
+        """A window of at most ``limit`` messages in ascending order: the first ones after
+        ``after``, or the last ones before ``before`` (default: the newest).
+
+        Raises:
+            ValidationError: bad arguments, or both ``before`` and ``after``.
+            SessionNotFoundError: the session is unknown.
+        """
+        if limit < 1:
+            raise ValidationError("limit must be positive")
+        if before is not None and after is not None:
+            raise ValidationError("give before or after, not both")
+        await self._resolve(session_id, STREAM_START)
+        return await self._reader.page(
+            session_id,
+            limit=limit,
+            before=None if before is None else _cursor(before),
+            after=None if after is None else _cursor(after),
+        )
+
+    async def wait_for(
+        self,
+        session_id: str,
+        *,
+        recipient: str,
+        timeout: float,
+        after: Cursor = "$",
+    ) -> Message:
+        """The next message for ``recipient`` (addressed to it, or to everyone by someone
+        else). Pass the stream id of your own question as ``after`` so that a reply that
+        arrives before this call starts is not missed.
+
+        Raises:
+            WaitTimeoutError: none arrived within ``timeout`` seconds.
+            SessionNotFoundError: the session is unknown.
+        """
+        validate_name(recipient, "recipient")
+        with anyio.move_on_after(timeout):
+            async for message in self.subscribe(session_id, after=after, recipient=recipient):
+                return message
+        raise WaitTimeoutError(f"no message for {recipient!r} in session {session_id!r}")
+
+    async def _resolve(self, session_id: str, after: Cursor) -> StreamId:
+        """Check that the session exists and turn ``after`` into a concrete position."""
+        validate_session_id(session_id)
+        with translate_redis_errors():
+            meta = await self._client.hmget(
+                self.keys.session(session_id).meta, ["state", "last_id"]
+            )
+        state, last_id = meta
+        if state is None and await self._history.get_session(session_id) is None:
+            raise SessionNotFoundError(session_id)
+        if after == "$":
+            if last_id is not None:
+                return StreamId.parse(last_id)
+            stored = await self._history.get_session(session_id)
+            return (stored.last_stream_id if stored else None) or STREAM_START
+        return _cursor(after)
+
+
+def _cursor(value: Cursor) -> StreamId:
+    if isinstance(value, str) and value == "0":
+        return STREAM_START
+    return StreamId.parse(value)
+
+
+def _with_stream_id(message: Message, stream_id: StreamId) -> Message:
+    return Message(
+        id=message.id,
+        session_id=message.session_id,
+        sender=message.sender,
+        content=message.content,
+        recipient=message.recipient,
+        metadata=message.metadata,
+        timestamp=message.timestamp,
+        stream_id=stream_id,
+    )
+
+
+def _raise_script_error(exc: BaseException, session_id: str) -> None:
+    """Turn the scripts' own error replies into typed errors (others propagate unchanged)."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if not isinstance(cause, redis.exceptions.ResponseError):
+        return
+    text = str(cause)
+    if text.startswith("SSNOSESSION"):
+        raise SessionNotFoundError(session_id) from None
+    if text.startswith("SSCLOSED"):
+        raise SessionClosedError(session_id, text.split(" ", 1)[1].strip()) from None
+    if text.startswith("SSEXISTS"):
+        raise SessionExistsError(session_id) from None
+
+
+def _embedded_dir(settings: Settings) -> Path | None:
+    """Where the embedded server keeps its append-only file: ``embedded_dir`` if set, else
+    beside the SQLite history file (so unpersisted messages survive a restart), else a
+    temporary directory."""
+    if settings.embedded_dir is not None:
+        return Path(settings.embedded_dir)
+    parts = urlsplit(settings.history_url)
+    if parts.scheme == "sqlite" and parts.path not in ("", "/"):
+        return Path(parts.path[1:] + "-redis")
+    return None
