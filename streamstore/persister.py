@@ -29,6 +29,7 @@ from streamstore.errors import (
 )
 from streamstore.keys import GROUP
 from streamstore.models import Message, Session, StreamId
+from streamstore.scripts import Scripts
 from streamstore.store import StreamStore
 
 __all__ = ["CRASH_POINT_ENV", "Persister", "PersisterStats"]
@@ -87,6 +88,7 @@ class Persister:
         self._client = store.client
         self._history = store.history_store
         self._keys = store.keys
+        self._scripts = Scripts.register(store.client)
         self._settings = settings if settings is not None else PersisterSettings.from_env()
         self._consumer = self._settings.consumer
         self._stopping = False
@@ -308,7 +310,7 @@ class Persister:
                         session = self._keys.session(session_id)
                         keys += [session.meta, session.stream]
                         args += [str(mark), feed_id]
-                    self._store._scripts.advance(keys=keys, args=args, client=pipe)
+                    await self._scripts.advance(keys=keys, args=args, client=pipe)
                 await pipe.execute()
 
     def _maybe_crash(self, point: str) -> None:

@@ -167,9 +167,11 @@ class SessionReader:
     def _decode(session_id: str, entries: list[Any]) -> list[Message]:
         out = []
         for entry_id, fields in entries:
+            # XREAD replies come parsed into a dict; a script's XRANGE reply is a flat list.
+            data = fields.get(F_DATA) if isinstance(fields, dict) else _flat_get(fields, F_DATA)
             try:
-                out.append(decode_message(session_id, StreamId.parse(entry_id), fields[F_DATA]))
-            except (CorruptEntryError, KeyError):
+                out.append(decode_message(session_id, StreamId.parse(entry_id), data))
+            except CorruptEntryError:
                 # Only the publish script writes session streams; a foreign entry is skipped
                 # here (the feed copy is dead-lettered by the persister).
                 log.warning("skipping undecodable entry %s in session %s", entry_id, session_id)
@@ -189,3 +191,10 @@ class SessionReader:
                 log.info("connection lost while reading; retrying in %.2f s", delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _flat_get(fields: list[bytes], name: bytes) -> bytes | None:
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == name:
+            return fields[i + 1]
+    return None

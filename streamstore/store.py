@@ -159,7 +159,7 @@ class StreamStore:
             isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or ttl_s <= 0
         ):
             raise ValidationError("ttl must be a positive number of seconds or None")
-        meta_json = encode_metadata(dict(metadata or {}))
+        meta_json = encode_metadata(_plain(metadata or {}))
         if id is not None and await self._history.get_session(session_id) is not None:
             raise SessionExistsError(session_id)
         now = time.time()
@@ -338,7 +338,7 @@ class StreamStore:
             sender=validate_name(spec.get("sender"), "sender"),
             content=content,
             recipient=None if recipient is None else validate_name(recipient, "recipient"),
-            metadata=None if metadata is None else orjson.loads(encode_metadata(dict(metadata))),
+            metadata=None if metadata is None else orjson.loads(encode_metadata(_plain(metadata))),
             timestamp=time.time() if timestamp is None else float(timestamp),
         )
         payload = encode_message(message)
@@ -457,6 +457,11 @@ class StreamStore:
             stored = await self._history.get_session(session_id)
             return (stored.last_stream_id if stored else None) or STREAM_START
         return _cursor(after)
+
+
+def _plain(metadata: object) -> object:
+    """A mapping as a dict (anything else is left for encode_metadata to refuse)."""
+    return dict(metadata) if isinstance(metadata, Mapping) else metadata
 
 
 def _cursor(value: Cursor) -> StreamId:

@@ -1,0 +1,689 @@
+"""SQLite history: the embedded default store, one writer connection, WAL and synchronous=FULL.
+
+sqlite3 is blocking, so every call runs in a worker thread: writes on one connection behind a
+one-slot limiter (SQLite allows one writer anyway), reads on a second connection behind its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+import anyio.to_thread
+import orjson
+
+from streamstore.errors import ConfigurationError, HistoryCorruptError, HistoryError
+from streamstore.models import Message, Session, SessionState, StreamId
+
+__all__ = ["SCHEMA_VERSION", "SQLiteHistory"]
+
+SCHEMA_VERSION: Final = 1
+"""Stored in ``PRAGMA user_version``; a file with a higher number was written by a newer
+streamstore and is refused rather than misread."""
+
+_APPLICATION_ID: Final = 0x73736831  # "ssh1" in ``PRAGMA application_id``: this is our file
+_MAX_INT64: Final = 2**63 - 1
+_SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
+_DEFAULT_BUSY_TIMEOUT: Final = 30.0
+
+# Messages get an ascending INTEGER PRIMARY KEY (each insert appends to the table's last page)
+# and two unique indexes. The position index takes one insertion point per session; the id
+# index leads with the message id, which new_message_id() makes time-ordered, so it appends
+# too while still meaning "unique per (session, id)". Measured against a WITHOUT ROWID table
+# clustered on the position and one clustered on the id: this layout inserts fastest.
+_SCHEMA: Final = (
+    """
+    CREATE TABLE sessions (
+        id              TEXT PRIMARY KEY NOT NULL,
+        participants    TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        last_active_at  REAL NOT NULL,
+        ttl             REAL,
+        metadata        TEXT NOT NULL,
+        state           TEXT NOT NULL CHECK (state IN ('active', 'closed', 'deleted')),
+        message_count   INTEGER NOT NULL DEFAULT 0,
+        last_stream_ms  INTEGER,
+        last_stream_seq INTEGER
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE messages (
+        pk          INTEGER PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        stream_ms   INTEGER NOT NULL,
+        stream_seq  INTEGER NOT NULL,
+        message_id  TEXT NOT NULL,
+        sender      TEXT NOT NULL,
+        recipient   TEXT,
+        content     TEXT NOT NULL,
+        metadata    TEXT,
+        timestamp   REAL NOT NULL
+    )
+    """,
+    "CREATE UNIQUE INDEX messages_by_position ON messages (session_id, stream_ms, stream_seq)",
+    "CREATE UNIQUE INDEX messages_by_id ON messages (message_id, session_id)",
+)
+_TABLES: Final = frozenset({"sessions", "messages"})
+
+# A snapshot replaces what the publisher owns (participants, metadata, ttl, created_at) but
+# never moves the state back (active < closed < deleted) nor activity back in time; the
+# message count and last stream id belong to history alone and are left alone.
+_UPSERT_SESSION: Final = """
+    INSERT INTO sessions (id, participants, created_at, last_active_at, ttl, metadata, state)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (id) DO UPDATE SET
+        participants = excluded.participants,
+        created_at = excluded.created_at,
+        last_active_at = MAX(last_active_at, excluded.last_active_at),
+        ttl = excluded.ttl,
+        metadata = excluded.metadata,
+        state = CASE
+            WHEN 'deleted' IN (state, excluded.state) THEN 'deleted'
+            WHEN 'closed' IN (state, excluded.state) THEN 'closed'
+            ELSE 'active'
+        END
+"""
+_ENSURE_SESSION: Final = """
+    INSERT INTO sessions (id, participants, created_at, last_active_at, ttl, metadata, state)
+    VALUES (?, '[]', ?, 0.0, NULL, '{}', 'active')
+    ON CONFLICT (id) DO NOTHING
+"""
+_INSERT_MESSAGE: Final = """
+    INSERT OR IGNORE INTO messages (
+        session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata,
+        timestamp
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_STORED_ID_AT: Final = """
+    SELECT message_id FROM messages WHERE session_id = ? AND stream_ms = ? AND stream_seq = ?
+"""
+_ADVANCE_SESSION: Final = """
+    UPDATE sessions SET
+        message_count = message_count + :inserted,
+        last_active_at = MAX(last_active_at, :timestamp),
+        last_stream_ms = CASE
+            WHEN last_stream_ms IS NULL OR (last_stream_ms, last_stream_seq) < (:ms, :seq)
+            THEN :ms ELSE last_stream_ms END,
+        last_stream_seq = CASE
+            WHEN last_stream_ms IS NULL OR (last_stream_ms, last_stream_seq) < (:ms, :seq)
+            THEN :seq ELSE last_stream_seq END
+    WHERE id = :id
+"""
+_MESSAGE_COLUMNS: Final = (
+    "session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata, timestamp"
+)
+_READ_ASCENDING: Final = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages
+    WHERE session_id = ? AND (stream_ms, stream_seq) > (?, ?) AND (stream_ms, stream_seq) < (?, ?)
+    ORDER BY stream_ms, stream_seq LIMIT ?
+"""  # noqa: S608 - column list is a constant; every value is a bound parameter
+_READ_DESCENDING: Final = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages
+    WHERE session_id = ? AND (stream_ms, stream_seq) > (?, ?) AND (stream_ms, stream_seq) < (?, ?)
+    ORDER BY stream_ms DESC, stream_seq DESC LIMIT ?
+"""  # noqa: S608 - column list is a constant; every value is a bound parameter
+_SESSION_COLUMNS: Final = (
+    "id, participants, created_at, last_active_at, ttl, metadata, state, message_count, "
+    "last_stream_ms, last_stream_seq"
+)
+_GET_SESSION: Final = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?"  # noqa: S608
+_LIST_SESSIONS: Final = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id > ? ORDER BY id LIMIT ?"  # noqa: S608
+
+_T = TypeVar("_T")
+
+
+class SQLiteHistory:
+    """History in one SQLite file, built from ``sqlite:///relative.db`` or
+    ``sqlite:////absolute.db`` by :meth:`from_url`.
+
+    The file (and its ``-wal``/``-shm`` companions, which SQLite gives the same mode) is created
+    0600. It runs in WAL mode with ``synchronous=FULL`` unless ``synchronous="normal"`` is asked
+    for: NORMAL may lose the last commits on power loss, after the persister acknowledged them.
+    ``busy_timeout`` is how long a write waits for another process's lock before it raises
+    :class:`~streamstore.errors.HistoryError` (the caller retries).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["full", "normal"] = "full",
+        busy_timeout: float | timedelta = _DEFAULT_BUSY_TIMEOUT,
+    ) -> None:
+        """Raises:
+        ConfigurationError: the path is empty or an option has an unusable value.
+        """
+        self._path = os.fspath(path)
+        if not self._path or self._path == ":memory:" or "\x00" in self._path:
+            raise ConfigurationError(
+                "the SQLite history needs a file path (use memory:// for an in-process store)"
+            )
+        if synchronous not in _SYNCHRONOUS:
+            raise ConfigurationError(
+                f"synchronous must be 'full' or 'normal', got {str(synchronous)[:20]!r}"
+            )
+        if isinstance(busy_timeout, timedelta):
+            busy_timeout = busy_timeout.total_seconds()
+        if not 0 <= busy_timeout <= 86_400:
+            raise ConfigurationError(f"busy_timeout must be 0 to 86400 s, got {busy_timeout}")
+        self._synchronous: Literal["full", "normal"] = synchronous
+        self._busy_timeout_ms = round(busy_timeout * 1000)
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        # Created in open(): anyio primitives need a running event loop.
+        self._write_slot: anyio.CapacityLimiter | None = None
+        self._read_slot: anyio.CapacityLimiter | None = None
+        self._threads: anyio.CapacityLimiter | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteHistory:
+        """Build (not open) a store from ``sqlite:///path.db?synchronous=full&busy_timeout=30000``.
+
+        Options: ``synchronous`` (``full``, the default, or ``normal``) and ``busy_timeout`` in
+        milliseconds (default 30000).
+
+        Raises:
+            ConfigurationError: the URL is malformed or has an unknown or invalid option.
+        """
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed history URL: {exc}") from None
+        usage = "expected sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        if parts.scheme != "sqlite":
+            raise ConfigurationError(f"not a sqlite URL: {usage}")
+        if parts.netloc:
+            raise ConfigurationError(
+                f"a sqlite URL names a file, not a host ({parts.netloc[:40]!r}): {usage}"
+            )
+        if parts.fragment:
+            raise ConfigurationError(f"a sqlite URL has no #fragment: {usage}")
+        if not parts.path.startswith("/") or len(parts.path) < 2:
+            raise ConfigurationError(f"the sqlite URL has no file path: {usage}")
+        path = unquote(parts.path[1:])
+        try:
+            options = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise ConfigurationError("malformed query string in the sqlite URL") from None
+        synchronous: Literal["full", "normal"] = "full"
+        busy_timeout = _DEFAULT_BUSY_TIMEOUT
+        seen: set[str] = set()
+        for name, value in options:
+            if name in seen:
+                raise ConfigurationError(f"sqlite URL option {name!r} given twice")
+            seen.add(name)
+            if name == "synchronous":
+                if value.lower() == "full":
+                    synchronous = "full"
+                elif value.lower() == "normal":
+                    synchronous = "normal"
+                else:
+                    raise ConfigurationError(
+                        f"synchronous must be 'full' or 'normal', got {value[:20]!r}"
+                    )
+            elif name == "busy_timeout":
+                if not value.isdigit() or not value.isascii():
+                    raise ConfigurationError(
+                        f"busy_timeout is a whole number of milliseconds, got {value[:20]!r}"
+                    )
+                busy_timeout = int(value) / 1000
+            else:
+                raise ConfigurationError(
+                    f"unknown sqlite URL option {name[:40]!r}: expected synchronous, busy_timeout"
+                )
+        return cls(path, synchronous=synchronous, busy_timeout=busy_timeout)
+
+    @property
+    def path(self) -> str:
+        """The database file, as given."""
+        return self._path
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file (0600) and schema, or check an existing one.
+
+        Raises:
+            HistoryCorruptError: the file is not a SQLite database, is damaged, belongs to
+                another application or was written by a newer streamstore.
+            HistoryError: already open, or the file cannot be opened or initialised.
+        """
+        if self._writer is not None:
+            raise HistoryError("the SQLite history is already open")
+        self._write_slot = anyio.CapacityLimiter(1)
+        self._read_slot = anyio.CapacityLimiter(1)
+        # Private worker threads: at most one writer and one reader hold a slot, so this
+        # limiter is never contended and a shielded write never waits on anyio's shared pool.
+        self._threads = anyio.CapacityLimiter(2)
+        # Shielded: a cancelled open would leak the connections it made.
+        with anyio.CancelScope(shield=True), _translate_errors(self._busy_timeout_ms):
+            connections = await anyio.to_thread.run_sync(self._open_sync, limiter=self._threads)
+        self._writer, self._reader = connections
+
+    async def close(self) -> None:
+        """Wait for the call in flight, then close both connections. Idempotent."""
+        writer, reader = self._writer, self._reader
+        if writer is None or reader is None:
+            return
+        self._writer = self._reader = None  # new calls fail from here on
+        assert self._write_slot is not None
+        assert self._read_slot is not None
+        with anyio.CancelScope(shield=True):
+            async with self._write_slot, self._read_slot:
+                await anyio.to_thread.run_sync(_close_all, writer, reader, limiter=self._threads)
+
+    # -- HistoryStore -------------------------------------------------------------------------
+
+    async def write_batch(
+        self, messages: Sequence[Message], sessions: Sequence[Session] = ()
+    ) -> int:
+        """Store a batch in one transaction and return how many messages were new.
+
+        See :meth:`streamstore.history.HistoryStore.write_batch`.
+
+        Raises:
+            HistoryError: not open, a message has no stream id, the database is locked for
+                longer than ``busy_timeout``, or SQLite failed; nothing was written.
+            HistoryCorruptError: the database is damaged.
+        """
+        if not messages and not sessions:
+            self._connection(write=True)
+            return 0
+        return await self._run(True, _write_batch_sync, list(messages), list(sessions))
+
+    async def read(
+        self,
+        session_id: str,
+        *,
+        after: StreamId | None = None,
+        before: StreamId | None = None,
+        limit: int = 100,
+        newest_first: bool = False,
+    ) -> list[Message]:
+        """Messages of one session with ``after < stream_id < before``, at most ``limit``.
+
+        Raises:
+            HistoryError: not open, or SQLite failed.
+        """
+        if limit <= 0:
+            self._connection(write=False)
+            return []
+        low = (-1, -1) if after is None else (after[0], after[1])
+        high = (_MAX_INT64, _MAX_INT64) if before is None else (before[0], before[1])
+        params = (session_id, *low, *high, limit)
+        sql = _READ_DESCENDING if newest_first else _READ_ASCENDING
+        rows = await self._run(False, _fetch_all, sql, params)
+        return [_message_from_row(row) for row in rows]
+
+    async def get_session(self, session_id: str) -> Session | None:
+        """The catalog entry of a session, or None.
+
+        Raises:
+            HistoryError: not open, or SQLite failed.
+        """
+        rows = await self._run(False, _fetch_all, _GET_SESSION, (session_id,))
+        return _session_from_row(rows[0]) if rows else None
+
+    async def list_sessions(self, *, after: str | None = None, limit: int = 100) -> list[Session]:
+        """Catalog entries ordered by session id, starting after ``after``.
+
+        Raises:
+            HistoryError: not open, or SQLite failed.
+        """
+        if limit <= 0:
+            self._connection(write=False)
+            return []
+        params = ("" if after is None else after, limit)
+        rows = await self._run(False, _fetch_all, _LIST_SESSIONS, params)
+        return [_session_from_row(row) for row in rows]
+
+    async def count_messages(self, session_id: str | None = None) -> int:
+        """How many messages are stored, in one session or in all.
+
+        Raises:
+            HistoryError: not open, or SQLite failed.
+        """
+        if session_id is None:
+            rows = await self._run(False, _fetch_all, "SELECT COUNT(*) FROM messages", ())
+        else:
+            sql = "SELECT COUNT(*) FROM messages WHERE session_id = ?"
+            rows = await self._run(False, _fetch_all, sql, (session_id,))
+        return int(rows[0][0])
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _connection(self, *, write: bool) -> sqlite3.Connection:
+        connection = self._writer if write else self._reader
+        if connection is None:
+            raise HistoryError("the SQLite history is not open (call open() first)")
+        return connection
+
+    async def _run(self, write: bool, function: Callable[..., _T], *args: Any) -> _T:
+        connection = self._connection(write=write)
+        slot = self._write_slot if write else self._read_slot
+        assert slot is not None
+        async with slot:  # waiting for the slot stays cancellable
+            if self._connection(write=write) is not connection:  # closed while we waited
+                raise HistoryError("the SQLite history was closed")
+            # Once the thread starts, the call (a commit, for a write) always finishes and its
+            # result is returned; a cancellation is delivered at the caller's next checkpoint.
+            with anyio.CancelScope(shield=True), _translate_errors(self._busy_timeout_ms):
+                result = await anyio.to_thread.run_sync(
+                    function, connection, *args, limiter=self._threads
+                )
+        return result
+
+    def _open_sync(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        try:
+            _create_private_file(self._path)
+        except OSError as exc:
+            raise HistoryError(
+                f"cannot create the history file {self._path!r}: {exc.strerror}"
+            ) from exc
+        writer = self._connect()
+        try:
+            _check_and_init(writer, self._path)
+            writer.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[self._synchronous]}")
+            reader = self._connect()
+        except BaseException:
+            writer.close()
+            raise
+        try:
+            reader.execute("PRAGMA query_only = ON")
+        except BaseException:
+            _close_all(writer, reader)
+            raise
+        return writer, reader
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,  # no implicit transactions: BEGIN IMMEDIATE ... COMMIT
+            check_same_thread=False,  # used from worker threads, one at a time (the slots)
+        )
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _pragma(self, name: str) -> Any:
+        """The writer connection's value of ``PRAGMA name`` (for tests and diagnostics)."""
+        if not name.isidentifier():
+            raise ValueError("not a pragma name")
+        return self._connection(write=True).execute(f"PRAGMA {name}").fetchone()[0]
+
+
+# -- worker-thread functions ------------------------------------------------------------------
+
+
+def _create_private_file(path: str) -> None:
+    """Create ``path`` 0600 whatever the umask; SQLite gives -wal/-shm the file's mode."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _check_and_init(connection: sqlite3.Connection, path: str) -> None:
+    """Refuse a file that is not ours or is newer; initialise an empty one; switch to WAL."""
+    # Read the header before writing anything: a foreign or newer file stays untouched.
+    app_id, version, tables = _identify(connection)
+    if (app_id, version, tables) == (0, 0, frozenset()):
+        pass  # a new or empty file: initialised below
+    elif app_id != _APPLICATION_ID:
+        raise HistoryCorruptError(
+            f"{path!r} is a SQLite database of another application, not a streamstore history"
+        )
+    elif version > SCHEMA_VERSION:
+        raise HistoryCorruptError(
+            f"{path!r} has history schema version {version}, newer than this streamstore "
+            f"understands ({SCHEMA_VERSION}); upgrade streamstore"
+        )
+    elif version < SCHEMA_VERSION or not tables >= _TABLES:
+        raise HistoryCorruptError(f"{path!r} is a damaged streamstore history (schema missing)")
+    mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise HistoryError(f"cannot switch {path!r} to WAL mode (it stays in {mode} mode)")
+    if version == SCHEMA_VERSION:
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        # Another process may have initialised the file since we looked.
+        if _identify(connection) == (0, 0, frozenset()):
+            for statement in _SCHEMA:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+    app_id, version, tables = _identify(connection)
+    if app_id != _APPLICATION_ID or version != SCHEMA_VERSION or not tables >= _TABLES:
+        raise HistoryCorruptError(f"{path!r} changed while it was being initialised")
+
+
+def _identify(connection: sqlite3.Connection) -> tuple[int, int, frozenset[str]]:
+    app_id = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    names = connection.execute("SELECT name FROM sqlite_master").fetchall()
+    return int(app_id), int(version), frozenset(str(name) for (name,) in names)
+
+
+def _write_batch_sync(
+    connection: sqlite3.Connection, messages: list[Message], sessions: list[Session]
+) -> int:
+    # Everything is encoded before BEGIN: an unencodable message fails with nothing written.
+    snapshots = [_session_params(session) for session in sessions]
+    groups = _group_by_session(messages)
+    inserted = 0
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        if snapshots:
+            connection.executemany(_UPSERT_SESSION, snapshots)
+        if groups:
+            connection.executemany(
+                _ENSURE_SESSION,
+                [(sid, min(m.timestamp for m in group)) for sid, (group, _) in groups.items()],
+            )
+        advances = []
+        for session_id, (group, rows) in groups.items():
+            # total_changes counts rows actually inserted: OR IGNORE skips are not changes.
+            changes_before = connection.total_changes
+            connection.executemany(_INSERT_MESSAGE, rows)
+            new = connection.total_changes - changes_before
+            if new == 0:
+                continue
+            inserted += new
+            # Some were duplicates: advance the catalog only to what is stored now.
+            stored = group if new == len(group) else [m for m in group if _is_stored(connection, m)]
+            last = max(m.stream_id for m in stored if m.stream_id is not None)
+            advances.append(
+                {
+                    "inserted": new,
+                    "timestamp": max(m.timestamp for m in stored),
+                    "ms": last.ms,
+                    "seq": last.seq,
+                    "id": session_id,
+                }
+            )
+        if advances:
+            connection.executemany(_ADVANCE_SESSION, advances)
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+    return inserted
+
+
+def _group_by_session(
+    messages: list[Message],
+) -> dict[str, tuple[list[Message], list[tuple[Any, ...]]]]:
+    """Messages per session (sessions by id, messages by stream id: ascending index inserts)."""
+    by_session: dict[str, list[Message]] = {}
+    for message in messages:
+        if message.stream_id is None:
+            raise HistoryError(f"message {message.id!r} has no stream id; nothing was written")
+        by_session.setdefault(message.session_id, []).append(message)
+    groups = {}
+    for session_id in sorted(by_session):
+        group = sorted(by_session[session_id], key=_stream_key)
+        groups[session_id] = (group, [_message_params(m) for m in group])
+    return groups
+
+
+def _stream_key(message: Message) -> StreamId:
+    assert message.stream_id is not None
+    return message.stream_id
+
+
+def _is_stored(connection: sqlite3.Connection, message: Message) -> bool:
+    assert message.stream_id is not None
+    params = (message.session_id, message.stream_id[0], message.stream_id[1])
+    row = connection.execute(_STORED_ID_AT, params).fetchone()
+    return row is not None and row[0] == message.id
+
+
+def _message_params(message: Message) -> tuple[Any, ...]:
+    assert message.stream_id is not None
+    return (
+        message.session_id,
+        message.stream_id[0],
+        message.stream_id[1],
+        message.id,
+        message.sender,
+        message.recipient,
+        message.content,
+        None if message.metadata is None else _json(message.metadata, message.id),
+        message.timestamp,
+    )
+
+
+def _session_params(session: Session) -> tuple[Any, ...]:
+    try:
+        state = SessionState(session.state).value
+    except ValueError:
+        raise HistoryError(f"session {session.id!r} has an unknown state") from None
+    return (
+        session.id,
+        _json(list(session.participants), session.id),
+        session.created_at,
+        session.last_active_at,
+        session.ttl,
+        _json(session.metadata, session.id),
+        state,
+    )
+
+
+def _json(value: object, owner: str) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError; its text may quote the value, so drop it
+        raise HistoryError(f"metadata of {owner!r} is not JSON-serializable") from None
+
+
+def _fetch_all(
+    connection: sqlite3.Connection, sql: str, params: tuple[Any, ...]
+) -> list[tuple[Any, ...]]:
+    return connection.execute(sql, params).fetchall()
+
+
+def _message_from_row(row: tuple[Any, ...]) -> Message:
+    session_id, ms, seq, message_id, sender, recipient, content, metadata, timestamp = row
+    return Message(
+        id=message_id,
+        session_id=session_id,
+        sender=sender,
+        recipient=recipient,
+        content=content,
+        metadata=None if metadata is None else orjson.loads(metadata),
+        timestamp=timestamp,
+        stream_id=StreamId(ms, seq),
+    )
+
+
+def _session_from_row(row: tuple[Any, ...]) -> Session:
+    (
+        session_id,
+        participants,
+        created_at,
+        last_active_at,
+        ttl,
+        metadata,
+        state,
+        message_count,
+        last_ms,
+        last_seq,
+    ) = row
+    return Session(
+        id=session_id,
+        participants=tuple(orjson.loads(participants)),
+        created_at=created_at,
+        last_active_at=last_active_at,
+        ttl=ttl,
+        metadata=orjson.loads(metadata),
+        state=SessionState(state),
+        message_count=message_count,
+        last_stream_id=None if last_ms is None else StreamId(last_ms, last_seq),
+    )
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the original error is the one to report
+            connection.execute("ROLLBACK")
+
+
+def _close_all(*connections: sqlite3.Connection) -> None:
+    for connection in connections:
+        with contextlib.suppress(sqlite3.Error):
+            connection.close()
+
+
+# SQLite primary result codes (sqlite3.h).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 5, 6, 11, 13, 26
+
+
+@contextlib.contextmanager
+def _translate_errors(busy_timeout_ms: int) -> Iterator[None]:
+    """Re-raise sqlite3 and encoding errors as HistoryError; messages never quote values.
+
+    SQLite's own error texts name tables, columns and SQL, never bound parameters, so they are
+    kept; a UnicodeEncodeError carries the text it failed on, so it is dropped.
+    """
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            raise HistoryCorruptError(
+                f"the history database is damaged or is not a SQLite database: {exc}"
+            ) from exc
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            raise HistoryError(
+                f"the history database stayed locked by another connection for longer than "
+                f"busy_timeout ({busy_timeout_ms} ms); retry later"
+            ) from exc
+        if code == _SQLITE_FULL:
+            raise HistoryError("the history database's disk is full") from exc
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        raise HistoryError(f"the history database failed: {name}: {exc}") from exc
+    except UnicodeEncodeError:
+        raise HistoryError(
+            "a message or session holds text that is not valid Unicode (lone surrogate)"
+        ) from None
+    except OverflowError:
+        raise HistoryError("a number does not fit SQLite's 64-bit integers") from None

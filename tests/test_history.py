@@ -1,0 +1,676 @@
+"""History stores: one conformance suite for every implementation, then SQLite's own promises."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from streamstore.errors import ConfigurationError, HistoryCorruptError, HistoryError
+from streamstore.history import HistoryStore, history_from_url
+from streamstore.history.memory import MemoryHistory
+from streamstore.history.sqlite import SQLiteHistory
+from streamstore.models import Message, Session, SessionState, StreamId, new_message_id
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def message(
+    session_id: str,
+    ms: int,
+    seq: int = 0,
+    *,
+    id: str | None = None,
+    content: str = "hello",
+    timestamp: float | None = None,
+    **fields: Any,
+) -> Message:
+    return Message(
+        id=id or new_message_id(),
+        session_id=session_id,
+        sender=fields.pop("sender", "agent-1"),
+        content=content,
+        timestamp=float(ms) / 1000 if timestamp is None else timestamp,
+        stream_id=StreamId(ms, seq),
+        **fields,
+    )
+
+
+def positions(messages: list[Message]) -> list[StreamId | None]:
+    return [m.stream_id for m in messages]
+
+
+def sqlite_url(path: Path, **options: str) -> str:
+    query = "&".join(f"{name}={value}" for name, value in options.items())
+    return f"sqlite:///{path}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[HistoryStore]:
+    url = "memory://" if request.param == "memory" else sqlite_url(tmp_path / "h.db")
+    history = history_from_url(url)
+    await history.open()
+    try:
+        yield history
+    finally:
+        await history.close()
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[SQLiteHistory]:
+    history = SQLiteHistory.from_url(url)
+    await history.open()
+    try:
+        yield history
+    finally:
+        await history.close()
+
+
+# -- conformance: every HistoryStore -----------------------------------------------------------
+
+
+async def test_is_a_history_store(store: HistoryStore) -> None:
+    assert isinstance(store, HistoryStore)
+
+
+async def test_same_batch_twice_is_stored_once(store: HistoryStore) -> None:
+    batch = [message("s1", 1000 + i) for i in range(10)] + [message("s2", 5, i) for i in range(3)]
+    assert await store.write_batch(batch) == 13
+    s1, s2 = await store.get_session("s1"), await store.get_session("s2")
+
+    assert await store.write_batch(batch) == 0
+    assert await store.write_batch(list(reversed(batch))) == 0
+    assert await store.count_messages() == 13
+    assert await store.get_session("s1") == s1
+    assert await store.get_session("s2") == s2
+    assert s1 is not None
+    assert s1.message_count == 10
+    assert s1.last_stream_id == StreamId(1009, 0)
+
+
+async def test_partial_duplicates_are_counted_exactly(store: HistoryStore) -> None:
+    first = [message("s", 100 + i, id=f"m{i}") for i in range(5)]
+    assert await store.write_batch(first) == 5
+    second = [
+        *first[1:4],  # redelivered
+        message("s", 200, id="m200"),
+        message("s", 201, id="m201"),
+        message("s", 201, id="m201"),  # twice in the same batch
+        message("s", 300, id="m0"),  # an id already stored, at a new position: skipped
+        message("s", 104, id="other"),  # a position already taken by another id: skipped
+        message("t", 104, id="m1"),  # same id and position in another session: new
+    ]
+    assert await store.write_batch(second) == 3
+    assert await store.count_messages("s") == 7
+    assert await store.count_messages("t") == 1
+    assert await store.count_messages() == 8
+    session = await store.get_session("s")
+    assert session is not None
+    assert session.message_count == 7
+    assert session.last_stream_id == StreamId(201, 0)  # not 300: that message was not stored
+    assert session.last_active_at == pytest.approx(0.201)
+    stored = await store.read("s", after=StreamId(103, 0))
+    assert [(m.id, m.stream_id) for m in stored] == [
+        ("m4", StreamId(104, 0)),
+        ("m200", StreamId(200, 0)),
+        ("m201", StreamId(201, 0)),
+    ]
+
+
+async def test_read_is_in_stream_order_whatever_the_insertion_order(store: HistoryStore) -> None:
+    everything = [message("s", ms, seq) for ms in range(1, 21) for seq in range(3)]
+    shuffled = everything[:]
+    random.Random(7).shuffle(shuffled)
+    for start in range(0, len(shuffled), 7):
+        await store.write_batch(shuffled[start : start + 7])
+    read = await store.read("s", limit=1000)
+    assert read == everything
+    assert positions(await store.read("s", limit=1000, newest_first=True)) == positions(
+        everything[::-1]
+    )
+    session = await store.get_session("s")
+    assert session is not None
+    assert session.last_stream_id == StreamId(20, 2)
+    assert session.message_count == 60
+
+
+async def test_read_windows(store: HistoryStore) -> None:
+    await store.write_batch([message("s", ms, seq) for ms in (10, 20, 30) for seq in (0, 1)])
+    await store.write_batch([message("other", 15)])
+
+    def at(*pairs: tuple[int, int]) -> list[StreamId]:
+        return [StreamId(ms, seq) for ms, seq in pairs]
+
+    async def window(**kwargs: Any) -> list[StreamId | None]:
+        return positions(await store.read("s", **kwargs))
+
+    assert await window() == at((10, 0), (10, 1), (20, 0), (20, 1), (30, 0), (30, 1))
+    assert await window(after=StreamId(10, 1)) == at((20, 0), (20, 1), (30, 0), (30, 1))
+    assert await window(after=StreamId(10, 0), before=StreamId(20, 1)) == at((10, 1), (20, 0))
+    assert await window(after=StreamId(15, 0), limit=2) == at((20, 0), (20, 1))
+    assert await window(before=StreamId(30, 0), limit=3) == at((10, 0), (10, 1), (20, 0))
+    assert await window(before=StreamId(30, 0), limit=3, newest_first=True) == at(
+        (20, 1), (20, 0), (10, 1)
+    )
+    assert await window(newest_first=True, limit=2) == at((30, 1), (30, 0))
+    assert await window(after=StreamId(20, 0), newest_first=True) == at((30, 1), (30, 0), (20, 1))
+    assert await window(after=StreamId(30, 1)) == []
+    assert await window(after=StreamId(20, 0), before=StreamId(20, 0)) == []
+    assert await window(after=StreamId(30, 0), before=StreamId(10, 0)) == []
+    assert await window(limit=0) == []
+    assert await store.read("nobody") == []
+    assert positions(await store.read("other")) == at((15, 0))
+
+
+async def test_snapshots_never_move_state_backwards(store: HistoryStore) -> None:
+    created = Session(
+        id="s",
+        participants=("a", "b"),
+        created_at=1.0,
+        last_active_at=5.0,
+        ttl=60,
+        metadata={"topic": "x"},
+        message_count=99,  # the publisher's count is not history's: ignored
+    )
+    await store.write_batch([], [created])
+    session = await store.get_session("s")
+    assert session == Session(
+        id="s",
+        participants=("a", "b"),
+        created_at=1.0,
+        last_active_at=5.0,
+        ttl=60.0,
+        metadata={"topic": "x"},
+        state=SessionState.ACTIVE,
+        message_count=0,
+        last_stream_id=None,
+    )
+    await store.write_batch([message("s", 10, timestamp=7.0)])
+
+    closed = Session(
+        id="s",
+        participants=("a", "b", "c"),
+        created_at=1.0,
+        last_active_at=3.0,  # older than what history saw: activity does not go back
+        ttl=None,
+        metadata={"topic": "y"},
+        state=SessionState.CLOSED,
+    )
+    await store.write_batch([], [closed])
+    session = await store.get_session("s")
+    assert session is not None
+    assert (session.state, session.participants, session.metadata, session.ttl) == (
+        SessionState.CLOSED,
+        ("a", "b", "c"),
+        {"topic": "y"},
+        None,
+    )
+    assert (session.last_active_at, session.message_count) == (7.0, 1)
+
+    await store.write_batch([], [created])  # a stale "active" snapshot redelivered
+    session = await store.get_session("s")
+    assert session is not None
+    assert session.state == SessionState.CLOSED
+
+    await store.write_batch([], [Session(id="s", state=SessionState.DELETED)])
+    for stale in (created, closed):
+        await store.write_batch([message("s", 20, timestamp=8.0)], [stale])
+        session = await store.get_session("s")
+        assert session is not None
+        assert session.state == SessionState.DELETED
+    assert session.message_count == 2
+    assert session.last_stream_id == StreamId(20, 0)
+    assert session.last_active_at == 8.0
+
+
+async def test_messages_before_their_snapshot(store: HistoryStore) -> None:
+    await store.write_batch(
+        [message("late", 30, timestamp=3.0), message("late", 20, timestamp=2.0)]
+    )
+    session = await store.get_session("late")
+    assert session == Session(
+        id="late",
+        created_at=2.0,
+        last_active_at=3.0,
+        state=SessionState.ACTIVE,
+        message_count=2,
+        last_stream_id=StreamId(30, 0),
+    )
+    snapshot = Session(id="late", participants=("p",), created_at=1.5, last_active_at=1.5)
+    assert await store.write_batch([message("late", 40, timestamp=4.0)], [snapshot]) == 1
+    session = await store.get_session("late")
+    assert session is not None
+    assert (session.participants, session.created_at, session.last_active_at) == (("p",), 1.5, 4.0)
+    assert (session.message_count, session.last_stream_id) == (3, StreamId(40, 0))
+    assert await store.get_session("never") is None
+
+
+async def test_list_sessions_pages_by_id(store: HistoryStore) -> None:
+    ids = [f"session-{i:03d}" for i in range(25)]
+    shuffled = ids[:]
+    random.Random(3).shuffle(shuffled)
+    await store.write_batch([], [Session(id=i) for i in shuffled[:10]])
+    await store.write_batch([message(i, 1) for i in shuffled[10:]])
+    seen: list[str] = []
+    after: str | None = None
+    while page := await store.list_sessions(after=after, limit=10):
+        assert len(page) <= 10
+        seen += [s.id for s in page]
+        after = page[-1].id
+    assert seen == ids
+    assert [s.id for s in await store.list_sessions(after="session-0105", limit=3)] == ids[11:14]
+    assert await store.list_sessions(after="session-024") == []
+    assert await store.list_sessions(limit=0) == []
+
+
+async def test_content_is_stored_verbatim(store: HistoryStore) -> None:
+    tricky = [
+        "",
+        "héllo wörld — 日本語 العربية \U0001d522\u210c 🙂👩‍👩‍👧‍👦🏳️‍🌈",
+        "nul \x00 in \x00 the middle\x00",
+        "'); DROP TABLE messages; --",
+        "\" OR 1=1; DELETE FROM sessions WHERE '' = '",
+        "Robert'); DROP TABLE sessions;--\n\r\t\\ %s %(x)s ? :name $1",
+        "x" * 100_000,
+    ]
+    batch = [
+        message(
+            "s",
+            i + 1,
+            content=text,
+            sender="'; DROP TABLE messages; --",
+            recipient=None if i % 2 else "bob'); --",
+            metadata={"k": text, "nested": [1, 2.5, None, True, {"🙂": "'"}]},
+        )
+        for i, text in enumerate(tricky)
+    ]
+    assert await store.write_batch(batch) == len(tricky)
+    assert await store.read("s", limit=100) == batch
+    assert await store.count_messages() == len(tricky)
+    assert [s.id for s in await store.list_sessions()] == ["s"]
+
+
+async def test_metadata_read_back_is_a_copy(store: HistoryStore) -> None:
+    await store.write_batch([], [Session(id="s", metadata={"a": [1]})])
+    await store.write_batch([message("s", 1, metadata={"b": {"c": 1}})])
+    session = await store.get_session("s")
+    assert session is not None
+    session.metadata["a"].append(2)
+    (stored,) = await store.read("s")
+    assert stored.metadata is not None
+    stored.metadata["b"]["c"] = 2
+    assert (await store.get_session("s")).metadata == {"a": [1]}  # type: ignore[union-attr]
+    assert (await store.read("s"))[0].metadata == {"b": {"c": 1}}
+
+
+async def test_count_messages(store: HistoryStore) -> None:
+    assert await store.count_messages() == 0
+    assert await store.count_messages("a") == 0
+    await store.write_batch([message("a", i) for i in range(1, 4)] + [message("b", 1)])
+    assert await store.count_messages() == 4
+    assert await store.count_messages("a") == 3
+    assert await store.count_messages("b") == 1
+    assert await store.count_messages("c") == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Message(id="no-position", session_id="s", sender="a", content="secret-content"),
+        message("s", 9, metadata={"not json": object()}, content="secret-content"),
+        message("s", 9, content="secret-content \ud800"),
+        message("s", 2**64, content="secret-content"),
+    ],
+    ids=["no-stream-id", "metadata", "lone-surrogate", "overflow"],
+)
+async def test_a_bad_message_fails_the_whole_batch(store: HistoryStore, bad: Message) -> None:
+    good = [message("s", 1), message("good", 1)]
+    with pytest.raises(HistoryError) as caught:
+        await store.write_batch([*good, bad], [Session(id="fresh")])
+    assert "secret-content" not in str(caught.value)
+    assert await store.count_messages() == 0
+    assert await store.list_sessions() == []
+    assert await store.write_batch(good) == 2  # and the store still works
+
+
+async def test_concurrent_writes_and_reads(store: HistoryStore) -> None:
+    counts: list[int] = []
+
+    async def write(session_id: str) -> None:
+        for start in range(0, 40, 10):
+            batch = [message(session_id, ms) for ms in range(start + 1, start + 11)]
+            counts.append(await store.write_batch(batch))
+            await store.read(session_id, newest_first=True, limit=5)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(write, f"s{i}")
+    assert sum(counts) == 320
+    assert await store.count_messages() == 320
+    assert [s.message_count for s in await store.list_sessions()] == [40] * 8
+
+
+async def test_closed_store_refuses_calls(store: HistoryStore) -> None:
+    await store.write_batch([message("s", 1)])
+    await store.close()
+    await store.close()  # idempotent
+    calls: list[Callable[[], Any]] = [
+        lambda: store.write_batch([message("s", 2)]),
+        lambda: store.write_batch([]),
+        lambda: store.read("s"),
+        lambda: store.read("s", limit=0),
+        lambda: store.get_session("s"),
+        store.list_sessions,
+        store.count_messages,
+    ]
+    for call in calls:
+        with pytest.raises(HistoryError, match="not open"):
+            await call()
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite:///{tmp}/never-opened.db"])
+async def test_calls_before_open_raise(url: str, tmp_path: Path) -> None:
+    store = history_from_url(url.format(tmp=tmp_path))
+    with pytest.raises(HistoryError, match="not open"):
+        await store.read("s")
+    with pytest.raises(HistoryError, match="not open"):
+        await store.write_batch([message("s", 1)])
+    await store.close()
+    assert not (tmp_path / "never-opened.db").exists()
+
+
+# -- SQLite only ------------------------------------------------------------------------------
+
+
+def schema_of(path: Path) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return connection.execute(
+            "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+        ).fetchall()
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000, 0o277])
+async def test_files_are_created_private(tmp_path: Path, umask: int) -> None:
+    db = tmp_path / "h.db"
+    previous = os.umask(umask)
+    try:
+        async with opened(sqlite_url(db)) as store:
+            await store.write_batch([message("s", 1)])
+            for path in (db, db.with_name("h.db-wal"), db.with_name("h.db-shm")):
+                assert path.exists(), path
+                assert file_mode(path) == 0o600, path
+    finally:
+        os.umask(previous)
+
+
+async def test_injection_leaves_the_schema_alone(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db)) as store:
+        before = schema_of(db)
+        evil = "x'); DROP TABLE messages; DROP TABLE sessions; --"
+        await store.write_batch([message(evil, 1, content=evil, sender=evil)], [Session(id=evil)])
+        assert (await store.read(evil))[0].content == evil
+        assert await store.list_sessions(after=evil) == []
+        assert schema_of(db) == before
+    assert {name for _, name, _ in before} >= {"messages", "sessions"}
+
+
+async def test_random_bytes_are_not_a_database(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    garbage = random.Random(1).randbytes(8192)
+    db.write_bytes(garbage)
+    store = SQLiteHistory(db)
+    with pytest.raises(HistoryCorruptError, match="not a SQLite database"):
+        await store.open()
+    with pytest.raises(HistoryError, match="not open"):
+        await store.count_messages()
+    await store.close()
+    assert db.read_bytes() == garbage  # untouched
+
+
+async def test_damaged_pages_raise_corrupt(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db)) as store:
+        await store.write_batch([message("s", i, content="x" * 500) for i in range(1, 200)])
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 3 * page
+    data[page:] = random.Random(2).randbytes(len(data) - page)
+    db.write_bytes(bytes(data))
+    store = SQLiteHistory(db)
+
+    async def open_and_read() -> None:
+        await store.open()  # page 1 (the schema) is intact: this may succeed
+        await store.count_messages()
+        await store.read("s")
+
+    try:
+        with pytest.raises(HistoryCorruptError, match="damaged"):
+            await open_and_read()
+    finally:
+        await store.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db)) as store:
+        await store.write_batch([message("s", 1)])
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        connection.execute("PRAGMA user_version = 2")
+        connection.commit()
+    with pytest.raises(HistoryCorruptError, match="newer"):
+        await SQLiteHistory(db).open()
+
+
+async def test_another_applications_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        connection.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance REAL)")
+        connection.commit()
+    before = schema_of(db)
+    with pytest.raises(HistoryCorruptError, match="another application"):
+        await SQLiteHistory(db).open()
+    assert schema_of(db) == before
+
+
+async def test_an_empty_file_is_initialised(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    db.touch()
+    async with opened(sqlite_url(db)) as store:
+        assert await store.write_batch([message("s", 1)]) == 1
+        assert store._pragma("user_version") == 1
+        assert store._pragma("journal_mode") == "wal"
+
+
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "h.db")
+    batch = [message("s", i, metadata={"i": i}) for i in range(1, 51)]
+    async with opened(url) as store:
+        await store.write_batch(batch[:30], [Session(id="s", participants=("a",), ttl=5)])
+        session = await store.get_session("s")
+    async with opened(url) as store:
+        assert await store.get_session("s") == session
+        assert await store.write_batch(batch) == 20
+        assert await store.read("s", limit=100) == batch
+    store = SQLiteHistory.from_url(url)
+    for _ in range(2):  # the same object can be opened again after close()
+        await store.open()
+        assert await store.count_messages() == 50
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, (2, 30_000)),
+        ({"synchronous": "normal"}, (1, 30_000)),
+        ({"busy_timeout": "200"}, (2, 200)),
+    ],
+)
+async def test_pragmas(tmp_path: Path, options: dict[str, str], expected: tuple[int, int]) -> None:
+    async with opened(sqlite_url(tmp_path / "h.db", **options)) as store:
+        assert (store._pragma("synchronous"), store._pragma("busy_timeout")) == expected
+        assert store._pragma("journal_mode") == "wal"
+
+
+_LOCKER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")
+connection.execute("CREATE TABLE IF NOT EXISTS lock_holder (x)")
+print("locked", flush=True)
+sys.stdin.readline()
+connection.execute("ROLLBACK")
+connection.close()
+"""
+
+
+@contextlib.contextmanager
+def locked_by_another_process(db: Path) -> Iterator[Callable[[], None]]:
+    """Hold SQLite's write lock on ``db`` from a separate process until release() is called."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        stdin = process.stdin
+
+        def release() -> None:
+            if process.poll() is None:
+                stdin.write("\n")
+                stdin.flush()
+                assert process.wait(timeout=30) == 0
+
+        try:
+            assert process.stdout.readline().strip() == "locked"
+            yield release
+        finally:
+            with contextlib.suppress(Exception):
+                release()
+            if process.poll() is None:
+                process.kill()
+
+
+async def test_a_lock_held_elsewhere_raises_then_clears(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db, busy_timeout="200")) as store:
+        await store.write_batch([message("s", 1)])
+        batch = [message("s", 2, content="secret-content"), message("s", 3)]
+        with locked_by_another_process(db) as release:
+            started = anyio.current_time()
+            with pytest.raises(HistoryError, match="locked") as caught:
+                await store.write_batch(batch)
+            assert anyio.current_time() - started >= 0.15
+            assert not isinstance(caught.value, HistoryCorruptError)
+            assert "secret-content" not in str(caught.value)
+            assert await store.count_messages() == 1  # readers are not blocked in WAL mode
+            release()
+        assert await store.write_batch(batch) == 2
+        assert await store.count_messages() == 3
+        session = await store.get_session("s")
+        assert session is not None
+        assert session.message_count == 3
+
+
+async def test_a_write_waits_out_a_short_lock(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db, busy_timeout="20000")) as store:
+        with locked_by_another_process(db) as release:
+            async with anyio.create_task_group() as tg:
+                results: list[int] = []
+
+                async def write() -> None:
+                    results.append(await store.write_batch([message("s", 1)]))
+
+                tg.start_soon(write)
+                await anyio.sleep(0.5)
+                assert results == []  # still waiting for the lock
+                release()
+        assert results == [1]
+
+
+async def test_a_commit_in_flight_is_not_cancelled(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db, busy_timeout="20000")) as store:
+        results: list[object] = []
+        scope = anyio.CancelScope()
+
+        async def write() -> None:
+            with scope:
+                results.append(await store.write_batch([message("s", 1), message("s", 2)]))
+                await anyio.sleep(1)  # the cancellation lands here, after the commit
+                results.append("not cancelled")
+
+        with locked_by_another_process(db) as release:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write)
+                await anyio.sleep(0.3)  # the write is in its worker thread, waiting for the lock
+                scope.cancel()
+                await anyio.sleep(0.3)
+                assert results == []
+                release()
+        assert results == [2]
+        assert scope.cancelled_caught
+        assert await store.count_messages() == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "synchronous", "busy_timeout_ms"),
+    [
+        ("sqlite:///relative/h.db", "relative/h.db", "full", 30_000),
+        ("sqlite:////abs/h.db", "/abs/h.db", "full", 30_000),
+        ("sqlite:///h%20x.db?synchronous=NORMAL", "h x.db", "normal", 30_000),
+        ("sqlite:///h.db?busy_timeout=0&synchronous=full", "h.db", "full", 0),
+    ],
+)
+def test_from_url(url: str, path: str, synchronous: str, busy_timeout_ms: int) -> None:
+    store = history_from_url(url)
+    assert isinstance(store, SQLiteHistory)
+    assert store.path == path
+    assert (store._synchronous, store._busy_timeout_ms) == (synchronous, busy_timeout_ms)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://host/h.db",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:h.db",
+        "sqlite:///:memory:",
+        "sqlite:///h.db#fragment",
+        "sqlite:///h.db?synchronous=off",
+        "sqlite:///h.db?synchronous=",
+        "sqlite:///h.db?busy_timeout=abc",
+        "sqlite:///h.db?busy_timeout=-1",
+        "sqlite:///h.db?busy_timeout=1.5",
+        "sqlite:///h.db?journal_mode=delete",
+        "sqlite:///h.db?synchronous=full&synchronous=normal",
+        "sqlite:///h.db?busy_timeout",
+        "sqlite:///h.db?&&",
+    ],
+)
+def test_from_url_refuses(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        SQLiteHistory.from_url(url)
+
+
+def test_memory_url() -> None:
+    assert isinstance(history_from_url("memory://"), MemoryHistory)

@@ -1,0 +1,232 @@
+"""The persister: exactly once into history whatever single fault happens (guarantees 1, 3, 7)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+import redis.asyncio
+
+from streamstore import Message, Persister, PersisterSettings, Settings, StreamStore
+from streamstore.history import history_from_url
+from streamstore.keys import GROUP
+from tests.workers import Worker
+
+
+async def publish_load(store: StreamStore, sessions: int, per_session: int) -> list[Message]:
+    """Publish ``per_session`` messages into each of ``sessions`` new sessions."""
+    published: list[Message] = []
+    ids = [(await store.create_session(["a", "b"])).id for _ in range(sessions)]
+    for start in range(0, per_session, 50):
+        for sid in ids:
+            batch = [
+                {"sender": "a", "content": f"{sid}:{i}"}
+                for i in range(start, min(start + 50, per_session))
+            ]
+            published += await store.publish_many(sid, batch)
+    return published
+
+
+async def history_rows(settings: Settings, session_ids: set[str]) -> dict[str, list[Message]]:
+    history = history_from_url(settings.history_url)
+    await history.open()
+    try:
+        return {
+            sid: await history.read(sid, limit=1_000_000) for sid in sorted(session_ids)
+        }
+    finally:
+        await history.close()
+
+
+async def wait_for_count(settings: Settings, expected: int, timeout: float = 60.0) -> int:
+    history = history_from_url(settings.history_url)
+    await history.open()
+    try:
+        count = 0
+        with anyio.move_on_after(timeout):
+            while (count := await history.count_messages()) < expected:
+                await anyio.sleep(0.1)
+        return count
+    finally:
+        await history.close()
+
+
+def assert_exactly_once(published: list[Message], rows: dict[str, list[Message]]) -> None:
+    stored = [m for session_rows in rows.values() for m in session_rows]
+    counts = Counter(m.id for m in stored)
+    lost = {m.id for m in published} - set(counts)
+    duplicated = [mid for mid, n in counts.items() if n > 1]
+    unexpected = set(counts) - {m.id for m in published}
+    assert (len(lost), len(duplicated), len(unexpected)) == (0, 0, 0)
+    by_id = {m.id: m for m in published}
+    for session_rows in rows.values():
+        stream_ids = [m.stream_id for m in session_rows]
+        assert stream_ids == sorted(stream_ids)
+        assert all(m.stream_id == by_id[m.id].stream_id for m in session_rows)
+        assert all(m.content == by_id[m.id].content for m in session_rows)
+
+
+async def test_drain_persists_everything_once_and_trims(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    published = await publish_load(store, sessions=5, per_session=120)
+    persister = Persister(store, PersisterSettings(consumer="c1", batch_size=100))
+    stats = await persister.drain()
+    assert stats.persisted == len(published)
+    again = await persister.drain()
+    assert again.persisted == len(published)  # nothing new the second time
+    rows = await history_rows(store.settings, {m.session_id for m in published})
+    assert_exactly_once(published, rows)
+    for p in range(store.keys.partitions):  # feeds are trimmed below the acknowledged point
+        assert await raw.xlen(store.keys.feed(p)) == 0
+    for sid in {m.session_id for m in published}:
+        session = await store.get_session(sid)
+        assert session.message_count == 120
+
+
+async def test_poison_entry_is_dead_lettered_and_does_not_block(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    session = await store.create_session(["a"])
+    feed = store.keys.session(session.id).feed
+    await raw.xadd(feed, {b"k": b"m", b"s": session.id.encode(), b"i": b"1-1", b"d": b"\xff\xfe"})
+    await raw.xadd(feed, {b"garbage": b"entirely"})
+    good = await store.publish(session.id, sender="a", content="behind the poison")
+    persister = Persister(store, PersisterSettings(consumer="c1"))
+    stats = await persister.drain()
+    assert stats.dead_lettered == 2
+    assert stats.persisted == 1
+    dead = await raw.xrange(store.keys.dead_letters)
+    assert len(dead) == 2
+    assert all(b"reason" in fields for _, fields in dead)
+    assert [m.id for m in await store.history(session.id)] == [good.id]
+    pending = await raw.xpending(feed, GROUP)
+    assert pending["pending"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_point", ["after_read", "after_commit"])
+async def test_sigkill_at_crash_point_then_restart_loses_and_duplicates_nothing(
+    store: StreamStore, settings: Settings, tmp_path: Path, crash_point: str
+) -> None:
+    published = await publish_load(store, sessions=10, per_session=100)
+    crashing = Worker(settings, tmp_path, "w1", crash_point=crash_point)
+    assert crashing.wait_exit() == -signal.SIGKILL, crashing.log()
+    assert f"crash point {crash_point} reached" in crashing.log()
+    restarted = Worker(settings, tmp_path, "w1")  # same name: re-reads its own pending entries
+    restarted.wait_ready()
+    assert await wait_for_count(settings, len(published)) == len(published)
+    assert restarted.terminate() == 0, restarted.log()
+    rows = await history_rows(settings, {m.session_id for m in published})
+    assert_exactly_once(published, rows)
+
+
+@pytest.mark.slow
+async def test_sigkill_during_claim_then_another_worker_finishes(
+    store: StreamStore, settings: Settings, tmp_path: Path
+) -> None:
+    published = await publish_load(store, sessions=10, per_session=100)
+    first = Worker(settings, tmp_path, "w1", crash_point="after_read")
+    assert first.wait_exit() == -signal.SIGKILL
+    # w2 claims w1's idle entries and dies in the middle of processing the claim
+    claimer = Worker(settings, tmp_path, "w2", crash_point="during_claim", claim_idle=0.2)
+    assert claimer.wait_exit() == -signal.SIGKILL, claimer.log()
+    assert "crash point during_claim reached" in claimer.log()
+    survivor = Worker(settings, tmp_path, "w3", claim_idle=0.2)
+    survivor.wait_ready()
+    assert await wait_for_count(settings, len(published)) == len(published)
+    assert survivor.terminate() == 0
+    rows = await history_rows(settings, {m.session_id for m in published})
+    assert_exactly_once(published, rows)
+
+
+@pytest.mark.slow
+async def test_four_racing_workers_write_one_row_per_message(
+    store: StreamStore, settings: Settings, tmp_path: Path
+) -> None:
+    workers = [Worker(settings, tmp_path, f"r{i}", claim_idle=1.0) for i in range(4)]
+    for worker in workers:
+        worker.wait_ready()
+    published = await publish_load(store, sessions=100, per_session=200)
+    assert len(published) == 20_000
+    assert await wait_for_count(settings, len(published), timeout=120) == len(published)
+    for worker in workers:
+        assert worker.terminate() == 0, worker.log()
+    rows = await history_rows(settings, {m.session_id for m in published})
+    assert_exactly_once(published, rows)
+
+
+async def test_group_deleted_mid_run_recovers_without_duplicates(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    settings = PersisterSettings(consumer="c1", batch_size=50, claim_interval=0.1)
+    persister = Persister(store, settings)
+    published: list[Message] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(persister.run)
+        published += await publish_load(store, sessions=4, per_session=100)
+        for p in range(store.keys.partitions):
+            await raw.xgroup_destroy(store.keys.feed(p), GROUP)
+        published += await publish_load(store, sessions=4, per_session=100)
+        with anyio.fail_after(30):
+            while await store.history_store.count_messages() < len(published):
+                await anyio.sleep(0.05)
+        persister.stop()
+    rows = await history_rows(store.settings, {m.session_id for m in published})
+    assert_exactly_once(published, rows)
+
+
+@pytest.mark.slow
+async def test_server_killed_and_restarted_with_aof_loses_nothing(
+    tmp_path: Path, key_prefix: str
+) -> None:
+    from streamstore.embedded import EmbeddedServer
+
+    server = EmbeddedServer(data_dir=tmp_path / "valkey", appendfsync="always")
+    server.start()
+    try:
+        settings = Settings(
+            redis_url=server.url,
+            history_url=f"sqlite:///{tmp_path}/h.db",
+            key_prefix=key_prefix,
+            partitions=4,
+            block=0.2,
+            socket_timeout=2.0,
+            reconnect_timeout=20.0,
+        )
+        async with StreamStore.open(settings=settings) as store:
+            persister = Persister(
+                store, PersisterSettings(consumer="c1", batch_size=100, retry_backoff=0.05)
+            )
+            published = await publish_load(store, sessions=4, per_session=100)
+            async with anyio.create_task_group() as tg:
+                await tg.start(persister.run)
+                server.kill()
+                await anyio.sleep(0.5)
+                await anyio.to_thread.run_sync(server.restart)
+                published += await publish_load(store, sessions=4, per_session=100)
+                with anyio.fail_after(30):
+                    while await store.history_store.count_messages() < len(published):
+                        await anyio.sleep(0.05)
+                persister.stop()
+            rows = await history_rows(settings, {m.session_id for m in published})
+            assert_exactly_once(published, rows)
+            assert persister.stats.errors >= 1
+    finally:
+        server.stop()
+
+
+async def test_persist_throughput_is_reported(store: StreamStore) -> None:
+    """Not a speed assertion: prints the figure for the record (bench measures properly)."""
+    published = await publish_load(store, sessions=20, per_session=250)
+    persister = Persister(store, PersisterSettings(consumer="c1", batch_size=1000))
+    started = time.perf_counter()
+    stats = await persister.drain()
+    elapsed = time.perf_counter() - started
+    assert stats.persisted == len(published)
+    print(f"persisted {len(published)} messages in {elapsed:.2f} s "
+          f"({len(published) / elapsed:,.0f} msgs/s)")
