@@ -94,11 +94,14 @@ async def _worker(args: argparse.Namespace) -> int:
     async with StreamStore.open(settings=_settings(args)) as store:
         persister = Persister(store, persister_settings)
         async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: persister.run(
-                handle_signals=True, task_status=task_status
-            ))
-            log.info("worker ready consumer=%s partitions=%d", persister.consumer,
-                     store.settings.partitions)
+            await tg.start(
+                lambda task_status: persister.run(handle_signals=True, task_status=task_status)
+            )
+            log.info(
+                "worker ready consumer=%s partitions=%d",
+                persister.consumer,
+                store.settings.partitions,
+            )
         log.info("worker stopped %s", persister.stats.as_dict())
     return 0
 

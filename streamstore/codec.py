@@ -42,7 +42,9 @@ def encode_metadata(metadata: object) -> bytes:
         ValidationError: metadata is not a JSON object with string keys.
     """
     if not isinstance(metadata, dict):
-        raise ValidationError(f"metadata must be a dict (JSON object), not {type(metadata).__name__}")
+        raise ValidationError(
+            f"metadata must be a dict (JSON object), not {type(metadata).__name__}"
+        )
     try:
         return orjson.dumps(metadata)
     except TypeError as exc:

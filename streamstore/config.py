@@ -125,9 +125,7 @@ class Settings:
         return None if self.session_ttl is None else _as_seconds(self.session_ttl)
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``STREAMSTORE_<FIELD>`` variables, then ``overrides`` on top.
 
         ``STREAMSTORE_SESSION_TTL=none`` disables the default idle timeout.

@@ -86,8 +86,10 @@ async def check_server(client: Redis, settings: Settings, keys: Keyspace) -> Ser
             raise EvictionPolicyError(message)
         log.warning(message)
     if appendonly is False:
-        log.warning("the server runs without append-only persistence: a restart loses "
-                    "messages not yet persisted to history")
+        log.warning(
+            "the server runs without append-only persistence: a restart loses "
+            "messages not yet persisted to history"
+        )
     return ServerInfo(name, version, policy, appendonly)
 
 
@@ -98,8 +100,8 @@ async def _read_config(client: Redis) -> tuple[str | None, bool | None]:
     except redis.exceptions.ResponseError:  # CONFIG may be refused by ACL or a managed service
         log.warning("cannot read the server's CONFIG: eviction policy not verified")
         return None, None
-    policy = config.get(b"maxmemory-policy") or config.get("maxmemory-policy")
-    appendonly = aof.get(b"appendonly") or aof.get("appendonly")
+    policy = next(iter(config.values()), None)
+    appendonly = next(iter(aof.values()), None)
     return (
         _text(policy),
         None if appendonly is None else _text(appendonly) == "yes",

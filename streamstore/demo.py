@@ -44,14 +44,18 @@ async def _planner(store: StreamStore, session_id: str, rounds: int) -> None:
     for n in range(rounds):
         question = await store.wait_for(session_id, recipient="planner", after=cursor, timeout=10)
         check = await store.publish(
-            session_id, sender="planner", recipient="critic",
+            session_id,
+            sender="planner",
+            recipient="critic",
             content=f"draft answer {n + 1}: checking options for {question.content!r}",
         )
         review = await store.wait_for(
             session_id, recipient="planner", after=str(check.stream_id), timeout=10
         )
         answer = await store.publish(
-            session_id, sender="planner", recipient="user",
+            session_id,
+            sender="planner",
+            recipient="user",
             content=f"answer {n + 1} (reviewed: {review.content})",
             metadata={"round": n + 1},
         )
@@ -69,7 +73,9 @@ async def _critic(store: StreamStore, session_id: str, rounds: int) -> None:
         del draft
 
 
-async def _user(store: StreamStore, session_id: str, say: Callable[[str], None]) -> None:
+async def _user(
+    store: StreamStore, session_id: str, label: str, say: Callable[[str], None]
+) -> None:
     for question in QUESTIONS:
         asked = await store.publish(
             session_id, sender="user", recipient="planner", content=question
@@ -77,7 +83,7 @@ async def _user(store: StreamStore, session_id: str, say: Callable[[str], None])
         answer = await store.wait_for(
             session_id, recipient="user", after=str(asked.stream_id), timeout=10
         )
-        say(f"  [{session_id[-6:]}] user <- planner: {answer.content[:60]}")
+        say(f"  [{label}] user <- planner: {answer.content[:60]}")
 
 
 async def _wait_persisted(store: StreamStore, ids: list[str], expected: int) -> int:
@@ -106,13 +112,13 @@ async def run_demo(
         await tg.start(persister.run)
         ids = []
         async with anyio.create_task_group() as chats:
-            for _ in range(sessions):
+            for n in range(sessions):
                 session = await store.create_session(["user", "planner", "critic"], ttl=600)
                 ids.append(session.id)
                 chats.start_soon(_planner, store, session.id, rounds)
                 chats.start_soon(_critic, store, session.id, rounds)
-                chats.start_soon(_user, store, session.id, say)
-        published = sum(len(await store.history(sid, limit=1000)) for sid in ids)
+                chats.start_soon(_user, store, session.id, f"session {n + 1}", say)
+        published = sum([len(await store.history(sid, limit=1000)) for sid in ids])
         say(f"conversations done: {published} messages published; waiting for the persister")
         persisted = await _wait_persisted(store, ids, published)
         say(f"persisted to history: {persisted}/{published}")
@@ -132,8 +138,10 @@ async def run_demo(
             await anyio.sleep(0.2)
             await store.publish(ids[0], sender="user", content="thanks, that is all")
         for message in replayed[-3:]:
-            say(f"  {message.stream_id} {message.sender} -> {message.recipient or '*'}: "
-                f"{message.content[:50]}")
+            say(
+                f"  {message.stream_id} {message.sender} -> {message.recipient or '*'}: "
+                f"{message.content[:50]}"
+            )
         published += 1
         persisted_total = await _wait_persisted(store, ids, published)
         persister.stop()
@@ -152,6 +160,8 @@ async def run_demo(
         f"lag={report.lag} sessions={report.sessions} replayed={report.replayed} "
         f"replay matches live={report.replay_matches} ({report.seconds:.1f} s)"
     )
-    say("next: `streamstore --help`, or run a worker against your Redis with "
-        "`streamstore worker --redis-url redis://...`")
+    say(
+        "next: `streamstore --help`, or run a worker against your Redis with "
+        "`streamstore worker --redis-url redis://...`"
+    )
     return report

@@ -171,10 +171,28 @@ def _preview(value: object) -> str:
     return f"of type {type(value).__name__}"
 
 
-_id_lock = threading.Lock()
-_last_ms = 0
-_counter = 0
-_node = os.urandom(5).hex()
+class _IdClock:
+    """Millisecond time plus a counter: strictly increasing within this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = 0
+        self._counter = 0
+        self._node = os.urandom(5).hex()
+
+    def next(self) -> str:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms > self._ms:
+                self._ms, self._counter = ms, 0
+            elif self._counter < 0xFFFF:
+                self._counter += 1
+            else:  # 65,536 ids in one millisecond: borrow the next one to stay ordered
+                self._ms, self._counter = self._ms + 1, 0
+            return f"{self._ms:012x}{self._counter:04x}{self._node}"
+
+
+_clock = _IdClock()
 
 
 def new_message_id() -> str:
@@ -183,13 +201,4 @@ def new_message_id() -> str:
     Ids generated later sort later, so history's unique index receives keys in ascending
     order (an order of magnitude cheaper in SQLite than random keys).
     """
-    global _last_ms, _counter
-    with _id_lock:
-        ms = time.time_ns() // 1_000_000
-        if ms > _last_ms:
-            _last_ms, _counter = ms, 0
-        elif _counter < 0xFFFF:
-            _counter += 1
-        else:  # 65,536 ids in one millisecond: borrow the next one to stay ordered
-            _last_ms, _counter = _last_ms + 1, 0
-        return f"{_last_ms:012x}{_counter:04x}{_node}"
+    return _clock.next()

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
+from redis.typing import EncodableT, FieldT
 
 from streamstore.codec import FeedEntry, decode_feed_entry
 from streamstore.config import PersisterSettings
@@ -204,7 +205,7 @@ class Persister:
             self._client.xreadgroup,
             GROUP,
             self._consumer,
-            streams,  # type: ignore[arg-type]
+            streams,
             count=self._settings.batch_size,
             block=block_ms,
         )
@@ -289,7 +290,10 @@ class Persister:
         self.stats.dead_lettered += len(poison)
         log.debug(
             "persister %s: batch of %d, %d new, %d dead-lettered",
-            self._consumer, len(raw), new, len(poison),
+            self._consumer,
+            len(raw),
+            new,
+            len(poison),
         )
 
     async def _acknowledge(
@@ -335,8 +339,8 @@ def _add(batch: _Batch, feed: str, entry: FeedEntry) -> None:
 
 def _dead_letter(
     feed: str, entry_id: bytes, fields: dict[bytes, bytes], reason: str
-) -> dict[bytes | str, bytes | str]:
-    out: dict[bytes | str, bytes | str] = {"feed": feed, "id": entry_id, "reason": reason}
+) -> dict[FieldT, EncodableT]:
+    out: dict[FieldT, EncodableT] = {"feed": feed, "id": entry_id, "reason": reason}
     for name, value in fields.items():
         out[b"f:" + name] = value
     return out

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -108,7 +108,7 @@ class StreamStore:
             if url is None:
                 server = EmbeddedServer(data_dir=_embedded_dir(resolved))
                 await anyio.to_thread.run_sync(server.start)
-                stack.push_async_callback(anyio.to_thread.run_sync, server.stop)
+                stack.push_async_callback(_stop_in_thread, server)
                 url = server.url
             client = connect(url, resolved)
             stack.push_async_callback(client.aclose)
@@ -136,7 +136,7 @@ class StreamStore:
         participants: Iterable[str] = (),
         *,
         id: str | None = None,
-        ttl: float | None | object = _DEFAULT,
+        ttl: float | object | None = _DEFAULT,
         metadata: Mapping[str, Any] | None = None,
     ) -> Session:
         """Create an active session.
@@ -201,7 +201,7 @@ class StreamStore:
         with translate_redis_errors():
             meta = await self._client.hgetall(self.keys.session(session_id).meta)
         if meta:
-            return decode_session_meta(session_id, meta)
+            return decode_session_meta(session_id, cast("dict[bytes, bytes]", meta))
         stored = await self._history.get_session(session_id)
         if stored is None:
             raise SessionNotFoundError(session_id)
@@ -229,7 +229,9 @@ class StreamStore:
                     pipe.hgetall(self.keys.session(sid).meta)
                 metas: list[dict[bytes, bytes]] = await pipe.execute()
         merged = {
-            sid: decode_session_meta(sid, meta) for sid, meta in zip(live, metas) if meta
+            sid: decode_session_meta(sid, meta)
+            for sid, meta in zip(live, metas, strict=True)
+            if meta
         }
         for stored in await self._history.list_sessions(after=after, limit=limit):
             merged.setdefault(stored.id, stored)
@@ -262,8 +264,14 @@ class StreamStore:
             BackpressureError: the server is out of memory.
             ConnectionLostError: the server cannot be reached.
         """
-        spec = {"sender": sender, "content": content, "recipient": recipient,
-                "metadata": metadata, "id": id, "timestamp": timestamp}
+        spec = {
+            "sender": sender,
+            "content": content,
+            "recipient": recipient,
+            "metadata": metadata,
+            "id": id,
+            "timestamp": timestamp,
+        }
         (message,) = await self.publish_many(session_id, [spec])
         return message
 
@@ -457,6 +465,10 @@ class StreamStore:
             stored = await self._history.get_session(session_id)
             return (stored.last_stream_id if stored else None) or STREAM_START
         return _cursor(after)
+
+
+async def _stop_in_thread(server: EmbeddedServer) -> None:
+    await anyio.to_thread.run_sync(server.stop)
 
 
 def _plain(metadata: object) -> object:

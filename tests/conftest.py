@@ -20,9 +20,7 @@ SYSTEM_REDIS = os.environ.get("STREAMSTORE_TEST_REDIS_URL")
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     """One private Valkey for the whole run, with every write fsynced."""
-    server = EmbeddedServer(
-        data_dir=tmp_path_factory.mktemp("valkey"), appendfsync="always"
-    )
+    server = EmbeddedServer(data_dir=tmp_path_factory.mktemp("valkey"), appendfsync="always")
     server.start()
     yield server
     server.stop()

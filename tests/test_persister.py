@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio
 
 from streamstore import Message, Persister, PersisterSettings, Settings, StreamStore
+from streamstore.embedded import EmbeddedServer
 from streamstore.history import history_from_url
 from streamstore.keys import GROUP
 from tests.workers import Worker
@@ -35,9 +36,7 @@ async def history_rows(settings: Settings, session_ids: set[str]) -> dict[str, l
     history = history_from_url(settings.history_url)
     await history.open()
     try:
-        return {
-            sid: await history.read(sid, limit=1_000_000) for sid in sorted(session_ids)
-        }
+        return {sid: await history.read(sid, limit=1_000_000) for sid in sorted(session_ids)}
     finally:
         await history.close()
 
@@ -184,8 +183,6 @@ async def test_group_deleted_mid_run_recovers_without_duplicates(
 async def test_server_killed_and_restarted_with_aof_loses_nothing(
     tmp_path: Path, key_prefix: str
 ) -> None:
-    from streamstore.embedded import EmbeddedServer
-
     server = EmbeddedServer(data_dir=tmp_path / "valkey", appendfsync="always")
     server.start()
     try:
@@ -228,5 +225,7 @@ async def test_persist_throughput_is_reported(store: StreamStore) -> None:
     stats = await persister.drain()
     elapsed = time.perf_counter() - started
     assert stats.persisted == len(published)
-    print(f"persisted {len(published)} messages in {elapsed:.2f} s "
-          f"({len(published) / elapsed:,.0f} msgs/s)")
+    print(
+        f"persisted {len(published)} messages in {elapsed:.2f} s "
+        f"({len(published) / elapsed:,.0f} msgs/s)"
+    )

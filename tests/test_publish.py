@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import anyio
@@ -25,7 +26,9 @@ async def stream_ids(raw: redis.asyncio.Redis, key: str) -> list[bytes]:
 
 async def feed_entries(raw: redis.asyncio.Redis, store: StreamStore, session_id: str) -> list[Any]:
     feed = store.keys.session(session_id).feed
-    return [f for _, f in await raw.xrange(feed) if f[b"k"] == b"m" and f[b"s"] == session_id.encode()]
+    return [
+        f for _, f in await raw.xrange(feed) if f[b"k"] == b"m" and f[b"s"] == session_id.encode()
+    ]
 
 
 async def test_publish_lands_in_session_stream_and_feed(
@@ -61,12 +64,15 @@ async def test_publish_writes_neither_stream_when_the_feed_write_would_fail(
     await raw.restore(keys.feed, 0, feed_backup)
 
 
-async def test_publish_many_is_one_atomic_batch(store: StreamStore, raw: redis.asyncio.Redis) -> None:
+async def test_publish_many_is_one_atomic_batch(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
     session = await store.create_session(["a"])
     batch = [{"sender": "a", "content": f"m{i}", "metadata": {"i": i}} for i in range(100)]
     published = await store.publish_many(session.id, batch)
     ids = [m.stream_id for m in published]
-    assert ids == sorted(ids) and len(set(ids)) == 100
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 100
     assert len(await feed_entries(raw, store, session.id)) == 100
     replayed = [m async for m in store.replay(session.id)]
     assert [m.content for m in replayed] == [f"m{i}" for i in range(100)]
@@ -98,7 +104,7 @@ async def test_concurrent_producers_keep_one_order(store: StreamStore) -> None:
             ready.set()
     stream_order = [m.stream_id for m in seen]
     assert len(seen) == 8000
-    assert all(a < b for a, b in zip(stream_order, stream_order[1:]))
+    assert all(a < b for a, b in itertools.pairwise(stream_order))
     assert sorted(m.id for m in seen) == sorted(m.id for m in published)
     assert {m.id: m.stream_id for m in published} == {m.id: m.stream_id for m in seen}
     # each producer's own messages keep their order
@@ -107,7 +113,9 @@ async def test_concurrent_producers_keep_one_order(store: StreamStore) -> None:
         assert mine == [f"{n}:{i}" for i in range(1000)]
 
 
-async def test_repeated_message_id_is_stored_once(store: StreamStore, raw: redis.asyncio.Redis) -> None:
+async def test_repeated_message_id_is_stored_once(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
     session = await store.create_session(["a"])
     first = await store.publish(session.id, sender="a", content="x", id="req-1")
     again = await store.publish(session.id, sender="a", content="x", id="req-1")

@@ -22,9 +22,13 @@ from streamstore import (
 
 async def test_replay_spans_history_and_stream_in_order(store: StreamStore) -> None:
     session = await store.create_session(["a"])
-    first = await store.publish_many(session.id, [{"sender": "a", "content": f"{i}"} for i in range(300)])
+    first = await store.publish_many(
+        session.id, [{"sender": "a", "content": f"{i}"} for i in range(300)]
+    )
     await Persister(store, PersisterSettings(consumer="c1")).drain()
-    second = await store.publish_many(session.id, [{"sender": "a", "content": f"{i}"} for i in range(300, 400)])
+    second = await store.publish_many(
+        session.id, [{"sender": "a", "content": f"{i}"} for i in range(300, 400)]
+    )
     everything = first + second
     replayed = [m async for m in store.replay(session.id)]
     assert [m.id for m in replayed] == [m.id for m in everything]

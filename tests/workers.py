@@ -34,13 +34,24 @@ class Worker:
         env["STREAMSTORE_PERSISTER_CLAIM_INTERVAL"] = "0.2"
         assert settings.redis_url is not None
         args = [
-            sys.executable, "-m", "streamstore",
-            "--redis-url", settings.redis_url,
-            "--history-url", settings.history_url,
-            "--key-prefix", settings.key_prefix,
-            "--partitions", str(settings.partitions),
-            "worker", "--consumer", consumer,
-            "--claim-idle", str(claim_idle), "--batch-size", str(batch_size),
+            sys.executable,
+            "-m",
+            "streamstore",
+            "--redis-url",
+            settings.redis_url,
+            "--history-url",
+            settings.history_url,
+            "--key-prefix",
+            settings.key_prefix,
+            "--partitions",
+            str(settings.partitions),
+            "worker",
+            "--consumer",
+            consumer,
+            "--claim-idle",
+            str(claim_idle),
+            "--batch-size",
+            str(batch_size),
         ]
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)
