@@ -16,6 +16,7 @@
     │   └── EmbeddedServerError               the private server could not be started
     ├── ConnectionLostError (ConnectionError) the server could not be reached
     ├── HistoryError                          the history store failed
+    │   ├── HistoryUnavailableError           it accepts no writes now (locked, disk full)
     │   └── HistoryCorruptError               the history file is not a usable database
     └── CorruptEntryError                     an entry read from Redis does not decode
 
@@ -38,6 +39,7 @@ __all__ = [
     "EvictionPolicyError",
     "HistoryCorruptError",
     "HistoryError",
+    "HistoryUnavailableError",
     "MessageTooLargeError",
     "ServerError",
     "SessionClosedError",
@@ -117,6 +119,12 @@ class ConnectionLostError(StreamStoreError, ConnectionError):
 
 class HistoryError(StreamStoreError):
     """The history store failed to read or write."""
+
+
+class HistoryUnavailableError(HistoryError):
+    """The history store accepts no writes for now (locked, disk full, I/O error): retry later.
+
+    Unlike other history errors, it says nothing about the data being written."""
 
 
 class HistoryCorruptError(HistoryError):

@@ -24,10 +24,13 @@ from streamstore.config import PersisterSettings
 from streamstore.errors import (
     ConnectionLostError,
     CorruptEntryError,
+    HistoryCorruptError,
     HistoryError,
+    HistoryUnavailableError,
     ServerError,
     translate_redis_errors,
 )
+from streamstore.history import HistoryStore
 from streamstore.keys import GROUP
 from streamstore.models import Message, Session, StreamId
 from streamstore.scripts import Scripts
@@ -46,6 +49,8 @@ COMMIT_DEADLINE = 30.0
 
 Raw = tuple[str, bytes, dict[bytes, bytes]]
 """A feed entry as read: (feed key, entry id, fields)."""
+_Poison = tuple[str, bytes, dict[bytes, bytes], str]
+"""An entry to dead-letter: (feed key, entry id, fields, reason)."""
 
 
 @dataclass
@@ -84,16 +89,24 @@ class Persister:
     ``handle_signals``); ``drain()`` processes what is in the feeds now and returns.
     """
 
-    def __init__(self, store: StreamStore, settings: PersisterSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: StreamStore,
+        settings: PersisterSettings | None = None,
+        *,
+        history: HistoryStore | None = None,
+    ) -> None:
         self._store = store
         self._client = store.client
-        self._history = store.history_store
+        self._history = history if history is not None else store.history_store
         self._keys = store.keys
         self._scripts = Scripts.register(store.client)
         self._settings = settings if settings is not None else PersisterSettings.from_env()
         self._consumer = self._settings.consumer
         self._stopping = False
         self._crash_point = os.environ.get(CRASH_POINT_ENV)
+        self._failures: dict[bytes, tuple[float, int]] = {}  # entry id -> (first, count)
+        self._last_success = 0.0
         self.stats = PersisterStats()
 
     @property
@@ -264,48 +277,104 @@ class Persister:
     # -- one batch --------------------------------------------------------------------------
 
     async def _process(self, raw: list[Raw]) -> None:
-        """Decode, commit, acknowledge, advance watermarks; dead-letter what does not decode."""
+        """Decode, dead-letter what does not decode, then commit and acknowledge the rest."""
         self.stats.read += len(raw)
         self._maybe_crash("after_read")
-        batch = _Batch()
-        poison: list[tuple[str, bytes, dict[bytes, bytes], str]] = []
+        entries: list[tuple[str, FeedEntry]] = []
+        poison: list[_Poison] = []
         for feed, entry_id, fields in raw:
             try:
-                entry = decode_feed_entry(entry_id, fields)
+                entries.append((feed, decode_feed_entry(entry_id, fields)))
             except CorruptEntryError as exc:
-                poison.append((feed, entry_id, fields, str(exc)))
-                continue
-            _add(batch, feed, entry)
-        with anyio.move_on_after(COMMIT_DEADLINE, shield=True):
-            started = time.perf_counter()
-            new = await self._history.write_batch(batch.messages, batch.sessions)
-            self.stats.commit_seconds += time.perf_counter() - started
-            self._maybe_crash("after_commit")
-            await self._acknowledge(batch, poison)
+                poison.append((feed, entry_id, fields, f"undecodable: {exc}"))
+        if poison:
+            await self._dead_letter(poison)
+        if entries:
+            await self._commit(entries)
         self.stats.batches += 1
         self.stats.last_batch = len(raw)
+
+    async def _commit(self, entries: list[tuple[str, FeedEntry]]) -> None:
+        """Write entries in one transaction, then acknowledge them.
+
+        When history refuses the batch, it is split in halves to isolate the entry at fault, so
+        the rest is not held back. An entry refused alone ``max_deliveries`` times while history
+        accepted other writes meanwhile is dead-lettered. When history is unavailable (locked,
+        disk full) the error propagates at once: nothing is acknowledged, nothing dead-lettered.
+
+        Raises:
+            HistoryError: some entries stay unacknowledged (they are retried).
+        """
+        batch = _Batch()
+        for feed, entry in entries:
+            _add(batch, feed, entry)
+        try:
+            with anyio.move_on_after(COMMIT_DEADLINE, shield=True):
+                started = time.perf_counter()
+                new = await self._history.write_batch(batch.messages, batch.sessions)
+                self._last_success = time.monotonic()
+                self.stats.commit_seconds += time.perf_counter() - started
+                self._maybe_crash("after_commit")
+                await self._acknowledge(batch)
+        except (HistoryUnavailableError, HistoryCorruptError):
+            raise  # says nothing about these entries: retry them all later
+        except HistoryError as exc:
+            if len(entries) == 1:
+                await self._count_failure(entries[0], exc)
+                return
+            half = len(entries) // 2
+            errors = []
+            for part in (entries[:half], entries[half:]):
+                try:
+                    await self._commit(part)
+                except HistoryError as part_error:
+                    errors.append(part_error)
+            if errors:
+                raise errors[0] from None
+            return
         self.stats.persisted += new
         self.stats.duplicates += len(batch.messages) - new
         self.stats.sessions += len(batch.sessions)
-        self.stats.dead_lettered += len(poison)
-        log.debug(
-            "persister %s: batch of %d, %d new, %d dead-lettered",
-            self._consumer,
-            len(raw),
-            new,
-            len(poison),
-        )
+        log.debug("persister %s: committed %d entries, %d new", self._consumer, len(entries), new)
 
-    async def _acknowledge(
-        self, batch: _Batch, poison: list[tuple[str, bytes, dict[bytes, bytes], str]]
-    ) -> None:
+    async def _count_failure(self, failed: tuple[str, FeedEntry], error: HistoryError) -> None:
+        feed, entry = failed
+        first, count = self._failures.get(entry.feed_id, (time.monotonic(), 0))
+        count += 1
+        self._failures[entry.feed_id] = (first, count)
+        if count >= self._settings.max_deliveries and self._last_success > first:
+            del self._failures[entry.feed_id]
+            fields = {b"entry": entry.feed_id}
+            reason = f"history refused it {count} times: {type(error).__name__}"
+            await self._dead_letter([(feed, entry.feed_id, fields, reason)])
+            return
+        raise error
+
+    async def _dead_letter(self, poison: list[_Poison]) -> None:
+        """Copy entries with their reason to the dead-letter stream, then acknowledge them."""
+        with translate_redis_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                for feed, entry_id, fields, reason in poison:
+                    record = _dead_letter_record(feed, entry_id, fields, reason)
+                    pipe.xadd(self._keys.dead_letters, record)
+                    pipe.xack(feed, GROUP, entry_id)
+                await pipe.execute()
+        self.stats.dead_lettered += len(poison)
+        for feed, entry_id, _, reason in poison:
+            log.warning(
+                "persister %s: dead-lettered %s %s (%s)",
+                self._consumer,
+                feed,
+                entry_id.decode(),
+                reason,
+            )
+
+    async def _acknowledge(self, batch: _Batch) -> None:
+        """XACK the committed entries, raise watermarks and trim (one round trip)."""
         now_ms = int(time.time() * 1000)
         hot_ms = int(self._store.settings.hot_tail_s * 1000)
         with translate_redis_errors():
             async with self._client.pipeline(transaction=False) as pipe:
-                for feed, entry_id, fields, reason in poison:
-                    pipe.xadd(self._keys.dead_letters, _dead_letter(feed, entry_id, fields, reason))
-                    batch.ids.setdefault(feed, []).append(entry_id)
                 for feed, ids in batch.ids.items():
                     pipe.xack(feed, GROUP, *ids)
                     keys: list[str] = [feed]
@@ -337,7 +406,7 @@ def _add(batch: _Batch, feed: str, entry: FeedEntry) -> None:
         marks[item.session_id] = (item.stream_id, entry.feed_id)
 
 
-def _dead_letter(
+def _dead_letter_record(
     feed: str, entry_id: bytes, fields: dict[bytes, bytes], reason: str
 ) -> dict[FieldT, EncodableT]:
     out: dict[FieldT, EncodableT] = {"feed": feed, "id": entry_id, "reason": reason}

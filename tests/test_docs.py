@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 import streamstore
 
@@ -21,7 +22,9 @@ def readme_example() -> str:
     return next(block for block in blocks if "anyio.run(main)" in block)
 
 
-def test_readme_example_runs(redis_url: str, key_prefix: str, tmp_path: Path) -> None:
+def test_readme_example_runs(
+    redis_url: str, key_prefix: str, tmp_path: Path, raw: redis.asyncio.Redis
+) -> None:
     script = tmp_path / "example.py"
     script.write_text(readme_example())
     env = dict(os.environ)
@@ -31,7 +34,12 @@ def test_readme_example_runs(redis_url: str, key_prefix: str, tmp_path: Path) ->
         STREAMSTORE_KEY_PREFIX=key_prefix,
     )
     result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -41,8 +49,22 @@ def test_readme_example_runs(redis_url: str, key_prefix: str, tmp_path: Path) ->
 
 def test_exported_members() -> None:
     exported = {name for name in dir(streamstore) if not name.startswith("_")}
-    modules = {"cli", "codec", "config", "connection", "demo", "embedded", "errors", "history",
-               "keys", "models", "persister", "replay", "scripts", "store"}
+    modules = {
+        "cli",
+        "codec",
+        "config",
+        "connection",
+        "demo",
+        "embedded",
+        "errors",
+        "history",
+        "keys",
+        "models",
+        "persister",
+        "replay",
+        "scripts",
+        "store",
+    }
     assert exported - modules == set(streamstore.__all__)
     for name in streamstore.__all__:
         assert getattr(streamstore, name).__module__.startswith("streamstore.")
@@ -53,7 +75,12 @@ def test_demo_runs_on_an_embedded_server_it_starts_itself(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSTORE_")}
     result = subprocess.run(
         [sys.executable, "-m", "streamstore", "demo"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = next(line for line in result.stdout.splitlines() if line.startswith("summary:"))

@@ -403,7 +403,7 @@ def file_mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o000, 0o277])
+@pytest.mark.parametrize("umask", [0o022, 0o000, 0o277], ids=["022", "000", "277"])
 async def test_files_are_created_private(tmp_path: Path, umask: int) -> None:
     db = tmp_path / "h.db"
     previous = os.umask(umask)

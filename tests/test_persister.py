@@ -5,15 +5,26 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 import redis.asyncio
 
-from streamstore import Message, Persister, PersisterSettings, Settings, StreamStore
+from streamstore import (
+    HistoryError,
+    HistoryUnavailableError,
+    Message,
+    Persister,
+    PersisterSettings,
+    Session,
+    Settings,
+    StreamStore,
+)
 from streamstore.embedded import EmbeddedServer
 from streamstore.history import history_from_url
+from streamstore.history.memory import MemoryHistory
 from streamstore.keys import GROUP
 from tests.workers import Worker
 
@@ -229,3 +240,62 @@ async def test_persist_throughput_is_reported(store: StreamStore) -> None:
         f"persisted {len(published)} messages in {elapsed:.2f} s "
         f"({len(published) / elapsed:,.0f} msgs/s)"
     )
+
+
+class RefusingHistory(MemoryHistory):
+    """History that refuses any batch holding a message with the given content, or everything."""
+
+    def __init__(self, refuse: str | None) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    async def write_batch(
+        self, messages: Sequence[Message], sessions: Sequence[Session] = ()
+    ) -> int:
+        if self.refuse is None:
+            raise HistoryUnavailableError("down")
+        if any(m.content == self.refuse for m in messages):
+            raise HistoryError("refused")
+        return await super().write_batch(messages, sessions)
+
+
+async def test_entry_history_refuses_is_isolated_then_dead_lettered(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    session = await store.create_session(["a"])
+    texts = ["ok"] * 10 + ["refuse me"] + ["ok"] * 10
+    published = await store.publish_many(session.id, [{"sender": "a", "content": t} for t in texts])
+    history = RefusingHistory("refuse me")
+    await history.open()
+    persister = Persister(
+        store, PersisterSettings(consumer="c1", max_deliveries=3), history=history
+    )
+    for _ in range(2):
+        with pytest.raises(HistoryError):
+            await persister.drain()
+    assert await history.count_messages() == 20  # the others were not held back
+    assert await raw.xlen(store.keys.dead_letters) == 0  # not yet: only 2 deliveries
+    await persister.drain()
+    assert persister.stats.dead_lettered == 1
+    (dead,) = await raw.xrange(store.keys.dead_letters)
+    assert b"refused it 3 times" in dead[1][b"reason"]
+    stored = {m.id for m in await history.read(session.id, limit=100)}
+    assert stored == {m.id for m in published if m.content == "ok"}
+
+
+async def test_history_refusing_everything_dead_letters_nothing(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    session = await store.create_session(["a"])
+    await store.publish_many(session.id, [{"sender": "a", "content": "x"}] * 5)
+    history = RefusingHistory(None)
+    await history.open()
+    persister = Persister(
+        store, PersisterSettings(consumer="c1", max_deliveries=2), history=history
+    )
+    for _ in range(5):
+        with pytest.raises(HistoryError):
+            await persister.drain()
+    assert await raw.xlen(store.keys.dead_letters) == 0
+    feed = store.keys.session(session.id).feed
+    assert (await raw.xpending(feed, GROUP))["pending"] == 6  # 5 messages + the session entry

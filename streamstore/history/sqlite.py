@@ -7,6 +7,8 @@ one-slot limiter (SQLite allows one writer anyway), reads on a second connection
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +20,12 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from streamstore.errors import ConfigurationError, HistoryCorruptError, HistoryError
+from streamstore.errors import (
+    ConfigurationError,
+    HistoryCorruptError,
+    HistoryError,
+    HistoryUnavailableError,
+)
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["SCHEMA_VERSION", "SQLiteHistory"]
@@ -33,10 +40,13 @@ _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 _DEFAULT_BUSY_TIMEOUT: Final = 30.0
 
 # Messages get an ascending INTEGER PRIMARY KEY (each insert appends to the table's last page)
-# and two unique indexes. The position index takes one insertion point per session; the id
-# index leads with the message id, which new_message_id() makes time-ordered, so it appends
-# too while still meaning "unique per (session, id)". Measured against a WITHOUT ROWID table
-# clustered on the position and one clustered on the id: this layout inserts fastest.
+# and two unique indexes. The position index serves every read and takes one insertion point
+# per session. The id index leads with the message id, which new_message_id() makes
+# time-ordered, so it appends too while still meaning "unique per (session, id)"; led by the
+# session id instead it took an insertion point per session and the batch ran ~1.7x slower.
+# WITHOUT ROWID tables clustered on the position (~2.5x slower: whole rows land mid-page) or on
+# the id (no faster, and random client ids would scatter whole rows) lost too. See
+# tests/history_bench.py.
 _SCHEMA: Final = (
     """
     CREATE TABLE sessions (
@@ -89,11 +99,6 @@ _UPSERT_SESSION: Final = """
             ELSE 'active'
         END
 """
-_ENSURE_SESSION: Final = """
-    INSERT INTO sessions (id, participants, created_at, last_active_at, ttl, metadata, state)
-    VALUES (?, '[]', ?, 0.0, NULL, '{}', 'active')
-    ON CONFLICT (id) DO NOTHING
-"""
 _INSERT_MESSAGE: Final = """
     INSERT OR IGNORE INTO messages (
         session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata,
@@ -103,17 +108,26 @@ _INSERT_MESSAGE: Final = """
 _STORED_ID_AT: Final = """
     SELECT message_id FROM messages WHERE session_id = ? AND stream_ms = ? AND stream_seq = ?
 """
-_ADVANCE_SESSION: Final = """
-    UPDATE sessions SET
-        message_count = message_count + :inserted,
-        last_active_at = MAX(last_active_at, :timestamp),
+# Counts what a batch added to each session, creating a minimal entry (active, no participants)
+# for a session whose snapshot has not arrived (yet).
+_COUNT_INTO_SESSION: Final = """
+    INSERT INTO sessions (
+        id, participants, created_at, last_active_at, ttl, metadata, state, message_count,
+        last_stream_ms, last_stream_seq
+    ) VALUES (?, '[]', ?, ?, NULL, '{}', 'active', ?, ?, ?)
+    ON CONFLICT (id) DO UPDATE SET
+        message_count = message_count + excluded.message_count,
+        last_active_at = MAX(last_active_at, excluded.last_active_at),
         last_stream_ms = CASE
-            WHEN last_stream_ms IS NULL OR (last_stream_ms, last_stream_seq) < (:ms, :seq)
-            THEN :ms ELSE last_stream_ms END,
+            WHEN last_stream_ms IS NULL
+                OR (last_stream_ms, last_stream_seq)
+                    < (excluded.last_stream_ms, excluded.last_stream_seq)
+            THEN excluded.last_stream_ms ELSE last_stream_ms END,
         last_stream_seq = CASE
-            WHEN last_stream_ms IS NULL OR (last_stream_ms, last_stream_seq) < (:ms, :seq)
-            THEN :seq ELSE last_stream_seq END
-    WHERE id = :id
+            WHEN last_stream_ms IS NULL
+                OR (last_stream_ms, last_stream_seq)
+                    < (excluded.last_stream_ms, excluded.last_stream_seq)
+            THEN excluded.last_stream_seq ELSE last_stream_seq END
 """
 _MESSAGE_COLUMNS: Final = (
     "session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata, timestamp"
@@ -488,40 +502,17 @@ def _write_batch_sync(
 ) -> int:
     # Everything is encoded before BEGIN: an unencodable message fails with nothing written.
     snapshots = [_session_params(session) for session in sessions]
-    groups = _group_by_session(messages)
-    inserted = 0
+    rows = sorted(map(_message_row, messages), key=_POSITION)  # ascending index inserts
     connection.execute("BEGIN IMMEDIATE")
     try:
-        if snapshots:
-            connection.executemany(_UPSERT_SESSION, snapshots)
-        if groups:
-            connection.executemany(
-                _ENSURE_SESSION,
-                [(sid, min(m.timestamp for m in group)) for sid, (group, _) in groups.items()],
-            )
-        advances = []
-        for session_id, (group, rows) in groups.items():
-            # total_changes counts rows actually inserted: OR IGNORE skips are not changes.
-            changes_before = connection.total_changes
-            connection.executemany(_INSERT_MESSAGE, rows)
-            new = connection.total_changes - changes_before
-            if new == 0:
-                continue
-            inserted += new
-            # Some were duplicates: advance the catalog only to what is stored now.
-            stored = group if new == len(group) else [m for m in group if _is_stored(connection, m)]
-            last = max(m.stream_id for m in stored if m.stream_id is not None)
-            advances.append(
-                {
-                    "inserted": new,
-                    "timestamp": max(m.timestamp for m in stored),
-                    "ms": last.ms,
-                    "seq": last.seq,
-                    "id": session_id,
-                }
-            )
-        if advances:
-            connection.executemany(_ADVANCE_SESSION, advances)
+        inserted = _apply_batch(connection, snapshots, rows, session_by_session=False)
+        if inserted is None:
+            # Some messages were stored already (a redelivery): start again, counting session
+            # by session. Not a savepoint: one would journal every page the fast path touches.
+            connection.execute("ROLLBACK")
+            connection.execute("BEGIN IMMEDIATE")
+            inserted = _apply_batch(connection, snapshots, rows, session_by_session=True)
+            assert inserted is not None
         connection.execute("COMMIT")
     except BaseException:
         _rollback(connection)
@@ -529,40 +520,63 @@ def _write_batch_sync(
     return inserted
 
 
-def _group_by_session(
-    messages: list[Message],
-) -> dict[str, tuple[list[Message], list[tuple[Any, ...]]]]:
-    """Messages per session (sessions by id, messages by stream id: ascending index inserts)."""
-    by_session: dict[str, list[Message]] = {}
-    for message in messages:
-        if message.stream_id is None:
-            raise HistoryError(f"message {message.id!r} has no stream id; nothing was written")
-        by_session.setdefault(message.session_id, []).append(message)
-    groups = {}
-    for session_id in sorted(by_session):
-        group = sorted(by_session[session_id], key=_stream_key)
-        groups[session_id] = (group, [_message_params(m) for m in group])
-    return groups
+def _apply_batch(
+    connection: sqlite3.Connection,
+    snapshots: list[tuple[Any, ...]],
+    rows: list[tuple[Any, ...]],
+    *,
+    session_by_session: bool,
+) -> int | None:
+    """Apply a batch in the open transaction; None when all at once found duplicates.
+
+    total_changes counts the rows actually inserted (OR IGNORE skips are not changes), so
+    inserting all at once tells how many were new, and session by session tells it for each
+    session, which the catalog needs when some were not.
+    """
+    if snapshots:
+        connection.executemany(_UPSERT_SESSION, snapshots)
+    if not rows:
+        return 0
+    catalog = []
+    inserted = 0
+    if not session_by_session:
+        changes_before = connection.total_changes
+        connection.executemany(_INSERT_MESSAGE, rows)
+        if connection.total_changes - changes_before < len(rows):
+            return None
+        catalog = [_catalog_params(group, group, len(group)) for group in _by_session(rows)]
+        inserted = len(rows)
+    else:
+        for group in _by_session(rows):
+            changes_before = connection.total_changes
+            connection.executemany(_INSERT_MESSAGE, group)
+            new = connection.total_changes - changes_before
+            inserted += new
+            if new == len(group):
+                stored = group
+            elif new == 0:
+                stored = []
+            else:  # advance the catalog only to the messages stored now
+                stored = [row for row in group if _is_stored(connection, row)]
+            catalog.append(_catalog_params(group, stored, new))
+    connection.executemany(_COUNT_INTO_SESSION, catalog)
+    return inserted
 
 
-def _stream_key(message: Message) -> StreamId:
-    assert message.stream_id is not None
-    return message.stream_id
+# A message row: (session_id, stream_ms, stream_seq, message_id, sender, recipient, content,
+# metadata, timestamp), the order of _INSERT_MESSAGE's parameters.
+_POSITION: Final = operator.itemgetter(0, 1, 2)
+_SESSION_ID: Final = operator.itemgetter(0)
 
 
-def _is_stored(connection: sqlite3.Connection, message: Message) -> bool:
-    assert message.stream_id is not None
-    params = (message.session_id, message.stream_id[0], message.stream_id[1])
-    row = connection.execute(_STORED_ID_AT, params).fetchone()
-    return row is not None and row[0] == message.id
-
-
-def _message_params(message: Message) -> tuple[Any, ...]:
-    assert message.stream_id is not None
+def _message_row(message: Message) -> tuple[Any, ...]:
+    if message.stream_id is None:
+        raise HistoryError(f"message {message.id!r} has no stream id; nothing was written")
+    ms, seq = message.stream_id
     return (
         message.session_id,
-        message.stream_id[0],
-        message.stream_id[1],
+        ms,
+        seq,
         message.id,
         message.sender,
         message.recipient,
@@ -570,6 +584,28 @@ def _message_params(message: Message) -> tuple[Any, ...]:
         None if message.metadata is None else _json(message.metadata, message.id),
         message.timestamp,
     )
+
+
+def _by_session(rows: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    for _, group in itertools.groupby(rows, _SESSION_ID):
+        yield list(group)
+
+
+def _catalog_params(
+    group: list[tuple[Any, ...]], stored: list[tuple[Any, ...]], new: int
+) -> tuple[Any, ...]:
+    """_COUNT_INTO_SESSION's parameters for one session's rows: ``new`` were inserted and
+    ``stored`` (in position order) are in the table now; a new entry starts at the first."""
+    created_at = min(row[8] for row in group)
+    if not stored:
+        return (group[0][0], created_at, 0.0, 0, None, None)
+    last = stored[-1]
+    return (group[0][0], created_at, max(row[8] for row in stored), new, last[1], last[2])
+
+
+def _is_stored(connection: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
+    stored = connection.execute(_STORED_ID_AT, row[:3]).fetchone()
+    return stored is not None and stored[0] == row[3]
 
 
 def _session_params(session: Session) -> tuple[Any, ...]:
@@ -655,6 +691,7 @@ def _close_all(*connections: sqlite3.Connection) -> None:
 
 # SQLite primary result codes (sqlite3.h).
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 5, 6, 11, 13, 26
+_SQLITE_NOMEM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 7, 8, 10, 14
 
 
 @contextlib.contextmanager
@@ -673,12 +710,15 @@ def _translate_errors(busy_timeout_ms: int) -> Iterator[None]:
                 f"the history database is damaged or is not a SQLite database: {exc}"
             ) from exc
         if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
-            raise HistoryError(
+            raise HistoryUnavailableError(
                 f"the history database stayed locked by another connection for longer than "
                 f"busy_timeout ({busy_timeout_ms} ms); retry later"
             ) from exc
         if code == _SQLITE_FULL:
-            raise HistoryError("the history database's disk is full") from exc
+            raise HistoryUnavailableError("the history database's disk is full") from exc
+        if code in (_SQLITE_NOMEM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN):
+            name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+            raise HistoryUnavailableError(f"the history database is unavailable: {name}") from exc
         name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
         raise HistoryError(f"the history database failed: {name}: {exc}") from exc
     except UnicodeEncodeError:

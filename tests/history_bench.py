@@ -1,0 +1,148 @@
+"""Write throughput of SQLiteHistory.write_batch against raw sqlite3 executemany baselines.
+
+Not collected by pytest (no ``test_`` prefix); run ``.venv/bin/python tests/history_bench.py``.
+Every variant writes the same rows, in the same batches, one transaction per batch, to a fresh
+file in WAL mode with synchronous=FULL. Rounds alternate between variants so that a noisy disk
+hurts all of them alike; the best round of each is reported, with the median beside it.
+
+* raw-plain:  executemany into a table with only an ascending INTEGER PRIMARY KEY (the target
+  ratio is measured against this one);
+* raw-schema: executemany into SQLiteHistory's own schema (its two unique indexes), with no
+  Python work: the floor SQLite itself sets for this layout;
+* history:    SQLiteHistory.write_batch from Message objects (thread hop, encoding, grouping,
+  duplicate accounting, catalog updates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from streamstore.history.sqlite import _SCHEMA, SQLiteHistory
+from streamstore.models import Message, StreamId, new_message_id
+
+_COLUMNS = (
+    "session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata, timestamp"
+)
+_PLAIN = f"CREATE TABLE messages (pk INTEGER PRIMARY KEY, {_COLUMNS})"
+_INSERT = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_OR_IGNORE = _INSERT.replace("INSERT", "INSERT OR IGNORE", 1)
+
+
+def make_batches(count: int, batch: int, sessions: int) -> list[list[Message]]:
+    """``count`` messages round-robin over ``sessions``, stream ids ascending per session."""
+    content = "x" * 200
+    base_ms = int(time.time() * 1000)
+    messages = []
+    for i in range(count):
+        position = i // sessions  # how many this session already has
+        messages.append(
+            Message(
+                id=new_message_id(),
+                session_id=f"session-{i % sessions:04d}",
+                sender="agent-1",
+                recipient="agent-2" if i % 2 else None,
+                content=content,
+                timestamp=base_ms / 1000 + i / 10_000,
+                stream_id=StreamId(base_ms + position // 4, position % 4),
+            )
+        )
+    return [messages[i : i + batch] for i in range(0, count, batch)]
+
+
+def as_rows(batches: list[list[Message]]) -> list[list[tuple[Any, ...]]]:
+    return [
+        [
+            (m.session_id, *m.stream_id, m.id, m.sender, m.recipient, m.content, None, m.timestamp)  # type: ignore[misc]
+            for m in batch
+        ]
+        for batch in batches
+    ]
+
+
+def raw(
+    path: Path, schema: tuple[str, ...], insert: str, rows: list[list[tuple[Any, ...]]]
+) -> float:
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = FULL")
+        for statement in schema:
+            connection.execute(statement)
+        started = time.perf_counter()
+        for batch in rows:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(insert, batch)
+            connection.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+def history(path: Path, batches: list[list[Message]]) -> float:
+    async def main() -> float:
+        store = SQLiteHistory(path)
+        await store.open()
+        try:
+            started = time.perf_counter()
+            written = 0
+            for batch in batches:
+                written += await store.write_batch(batch)
+            elapsed = time.perf_counter() - started
+            assert written == sum(map(len, batches)), written
+            return elapsed
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--sessions", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
+    args = parser.parse_args()
+
+    batches = make_batches(args.messages, args.batch, args.sessions)
+    rows = as_rows(batches)
+    variants: dict[str, Callable[[Path], float]] = {
+        "raw-plain": lambda path: raw(path, (_PLAIN,), _INSERT, rows),
+        "raw-schema": lambda path: raw(path, _SCHEMA, _INSERT_OR_IGNORE, rows),
+        "history": lambda path: history(path, batches),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        for round_number in range(args.rounds):
+            for name, run in variants.items():
+                path = Path(directory) / f"{name}-{round_number}.db"
+                times[name].append(run(path))
+                for suffix in ("", "-wal", "-shm"):
+                    with_suffix = path.with_name(path.name + suffix)
+                    if with_suffix.exists():
+                        os.unlink(with_suffix)
+
+    print(
+        f"{args.messages} messages, batches of {args.batch}, {args.sessions} sessions, "
+        f"200-byte content, WAL + synchronous=FULL, best (median) of {args.rounds} rounds"
+    )
+    best = {name: args.messages / min(elapsed) for name, elapsed in times.items()}
+    for name, elapsed in times.items():
+        median = args.messages / statistics.median(elapsed)
+        ratio = best[name] / best["raw-plain"]
+        print(f"  {name:<11} {best[name]:>9,.0f} rows/s ({median:>9,.0f})  {ratio:5.2f}x raw-plain")
+    print(f"  history / raw-schema: {best['history'] / best['raw-schema']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
