@@ -1,6 +1,6 @@
 """streamstore: a durable, replayable message bus for multi-agent and multi-user chat."""
 
-from streamstore.config import PersisterSettings, Settings
+from streamstore.config import PersisterSettings, Settings, SweeperSettings
 from streamstore.errors import (
     BackpressureError,
     ConfigurationError,
@@ -23,6 +23,7 @@ from streamstore.errors import (
 from streamstore.models import Message, Session, SessionState, StreamId
 from streamstore.persister import Persister, PersisterStats
 from streamstore.store import StreamStore
+from streamstore.sweeper import Sweeper, SweepReport
 
 __all__ = [
     "BackpressureError",
@@ -49,6 +50,9 @@ __all__ = [
     "StreamId",
     "StreamStore",
     "StreamStoreError",
+    "SweepReport",
+    "Sweeper",
+    "SweeperSettings",
     "ValidationError",
     "WaitTimeoutError",
 ]

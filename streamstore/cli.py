@@ -15,11 +15,12 @@ from typing import Any
 
 import anyio
 
-from streamstore.config import PersisterSettings, Settings
+from streamstore.config import PersisterSettings, Settings, SweeperSettings
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import StreamStoreError
 from streamstore.persister import Persister
 from streamstore.store import StreamStore
+from streamstore.sweeper import Sweeper
 
 __all__ = ["main"]
 
@@ -93,17 +94,30 @@ async def _worker(args: argparse.Namespace) -> int:
     )
     async with StreamStore.open(settings=_settings(args)) as store:
         persister = Persister(store, persister_settings)
+        sweeper = Sweeper(store, SweeperSettings.from_env())
         async with anyio.create_task_group() as tg:
-            await tg.start(
-                lambda task_status: persister.run(handle_signals=True, task_status=task_status)
-            )
-            log.info(
-                "worker ready consumer=%s partitions=%d",
-                persister.consumer,
-                store.settings.partitions,
-            )
+            tg.start_soon(_stop_on_signal, persister, sweeper)
+            async with anyio.create_task_group() as workers:
+                await workers.start(sweeper.run)
+                await workers.start(persister.run)
+                log.info(
+                    "worker ready consumer=%s partitions=%d",
+                    persister.consumer,
+                    store.settings.partitions,
+                )
+            tg.cancel_scope.cancel()
         log.info("worker stopped %s", persister.stats.as_dict())
     return 0
+
+
+async def _stop_on_signal(persister: Persister, sweeper: Sweeper) -> None:
+    """SIGTERM / SIGINT: a graceful stop (the batch in hand is committed and acknowledged)."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("worker: signal %d, stopping gracefully", signum)
+            persister.stop()
+            sweeper.stop()
+            return
 
 
 def _server(args: argparse.Namespace) -> int:

@@ -171,7 +171,7 @@ def decode_feed_entry(feed_id: bytes, fields: Mapping[bytes, bytes]) -> FeedEntr
     raise CorruptEntryError(f"unknown feed entry kind {kind!r}")
 
 
-def decode_session_meta(session_id: str, meta: Mapping[bytes, bytes]) -> Session:
+def decode_session_meta(session_id: str, meta: Mapping[Any, Any]) -> Session:
     """Rebuild a session from its Redis meta hash (as returned by HGETALL).
 
     Raises:

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from streamstore.errors import ConfigurationError
 
-__all__ = ["PersisterSettings", "Settings", "default_consumer_name"]
+__all__ = ["PersisterSettings", "Settings", "SweeperSettings", "default_consumer_name"]
 
 Duration = float | int | timedelta
 EvictionCheck = Literal["refuse", "warn"]
@@ -62,7 +62,15 @@ class Settings:
         block: longest single blocking read (XREAD/XREADGROUP BLOCK).
         reconnect_timeout: how long readers retry a lost connection before raising.
         eviction_check: ``"refuse"`` (default) or ``"warn"`` when the server may evict keys.
+        max_lag: high-water mark: entries of one partition feed not yet persisted; above it
+            ``publish`` waits.
+        max_block: how long ``publish`` waits for lag to fall (or memory to free) before it
+            raises BackpressureError; 0 fails at once.
         embedded_dir: data directory of the embedded server (default: beside the SQLite file).
+        tls_ca_file: CA bundle that signs the server certificate (``rediss://``; default: the
+            system store). Certificates and host names are always verified.
+        tls_cert_file: client certificate, for servers that require one.
+        tls_key_file: the client certificate's private key.
     """
 
     redis_url: str | None = None
@@ -77,16 +85,29 @@ class Settings:
     block: Duration = 2.0
     reconnect_timeout: Duration = 30.0
     eviction_check: EvictionCheck = "refuse"
+    max_lag: int = 100_000
+    max_block: Duration = 5.0
     embedded_dir: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("dedup_window", "hot_tail", "socket_timeout", "block", "reconnect_timeout"):
+        for name in (
+            "dedup_window",
+            "hot_tail",
+            "socket_timeout",
+            "block",
+            "reconnect_timeout",
+            "max_block",
+        ):
             object.__setattr__(self, name, _seconds(name, getattr(self, name)))
         object.__setattr__(
             self, "session_ttl", _seconds("session_ttl", self.session_ttl, allow_none=True)
         )
         _positive_int("partitions", self.partitions)
         _positive_int("max_message_bytes", self.max_message_bytes)
+        _positive_int("max_lag", self.max_lag)
         if not _PREFIX.fullmatch(self.key_prefix):
             raise ConfigurationError("key_prefix must be 1-32 of A-Z a-z 0-9 _ . -")
         if self.dedup_window_s < 0.001:
@@ -96,6 +117,8 @@ class Settings:
                 "block must be positive and at least 1 s shorter than socket_timeout, "
                 "or blocking reads would time out on the socket"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigurationError("tls_cert_file and tls_key_file go together")
         if self.eviction_check not in ("refuse", "warn"):
             raise ConfigurationError("eviction_check must be 'refuse' or 'warn'")
 
@@ -107,6 +130,16 @@ class Settings:
     @property
     def hot_tail_s(self) -> float:
         return _as_seconds(self.hot_tail)
+
+    @property
+    def max_block_s(self) -> float:
+        return _as_seconds(self.max_block)
+
+    @property
+    def tombstone_ms(self) -> int:
+        """How long a closed or deleted session's meta outlives its stream: past the dedup
+        window, so a retried publish is still refused rather than found unknown."""
+        return int((2 * self.dedup_window_s + 60) * 1000)
 
     @property
     def socket_timeout_s(self) -> float:
@@ -198,6 +231,62 @@ class PersisterSettings:
         return _from_env(cls, "STREAMSTORE_PERSISTER_", environ, overrides)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SweeperSettings:
+    """Settings of a :class:`~streamstore.Sweeper` (DESIGN.md section 4, retention).
+
+    Attributes:
+        interval: pause between sweeps in ``run()``.
+        retention: messages older than this are deleted from history (None: kept forever).
+        max_messages_per_session: history keeps at most this many per session (oldest go).
+        max_sessions: the catalog keeps at most this many sessions (least recently active
+            closed or deleted ones go first; active sessions are never removed).
+        consumer_idle: a consumer idle this long with nothing pending leaves the group.
+        batch: sessions handled per partition and step.
+    """
+
+    interval: Duration = 10.0
+    retention: Duration | None = None
+    max_messages_per_session: int | None = None
+    max_sessions: int | None = None
+    consumer_idle: Duration = 3600.0
+    batch: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "consumer_idle"):
+            object.__setattr__(self, name, _seconds(name, getattr(self, name)))
+        object.__setattr__(
+            self, "retention", _seconds("retention", self.retention, allow_none=True)
+        )
+        for name in ("max_messages_per_session", "max_sessions"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        _positive_int("batch", self.batch)
+
+    @property
+    def interval_s(self) -> float:
+        return _as_seconds(self.interval)
+
+    @property
+    def retention_s(self) -> float | None:
+        return None if self.retention is None else _as_seconds(self.retention)
+
+    @property
+    def consumer_idle_s(self) -> float:
+        return _as_seconds(self.consumer_idle)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> SweeperSettings:
+        """Settings from ``STREAMSTORE_SWEEPER_<FIELD>`` variables, then ``overrides``.
+
+        Raises:
+            ConfigurationError: a variable does not parse or the result is contradictory.
+        """
+        return _from_env(cls, "STREAMSTORE_SWEEPER_", environ, overrides)
+
+
 _T = TypeVar("_T")
 
 
@@ -211,7 +300,7 @@ def _from_env(
         if raw is None or f.name in overrides:
             continue
         values[f.name] = _parse(f.name, raw, f.type)
-    values.update({k: v for k, v in overrides.items() if v is not None or k == "session_ttl"})
+    values.update(overrides)
     try:
         return cls(**values)
     except TypeError as exc:
@@ -222,7 +311,7 @@ def _parse(name: str, raw: str, annotation: object) -> object:
     kind = str(annotation)
     if raw.strip().lower() == "none" and "None" in kind:
         return None
-    if kind == "int":
+    if kind in ("int", "int | None"):
         try:
             return int(raw)
         except ValueError:

@@ -47,12 +47,29 @@ class Keyspace:
         tag = self._tag(p)
         return SessionKeys(
             partition=p,
-            meta=f"{tag}:m:{session_id}",
-            stream=f"{tag}:s:{session_id}",
+            meta=self.meta_prefix(p) + session_id,
+            stream=self.stream_prefix(p) + session_id,
             feed=f"{tag}:feed",
             index=f"{tag}:sessions",
             deadlines=f"{tag}:deadlines",
         )
+
+    def meta_prefix(self, partition: int) -> str:
+        """Session meta hashes of a partition are this prefix + the session id (scripts that
+        visit sessions they were not handed build the key from it)."""
+        return f"{self._tag(partition)}:m:"
+
+    def stream_prefix(self, partition: int) -> str:
+        """Session streams of a partition are this prefix + the session id."""
+        return f"{self._tag(partition)}:s:"
+
+    def deferred(self, partition: int) -> str:
+        """Hash ``session -> "<watermark> <feed id>"`` of marks waiting for the safe point."""
+        return f"{self._tag(partition)}:deferred"
+
+    def closing(self, partition: int) -> str:
+        """Sorted set of closed sessions whose Redis keys await retirement, by close time."""
+        return f"{self._tag(partition)}:closing"
 
     def feed(self, partition: int) -> str:
         """The partition feed: every message of the partition's sessions, for the persister."""

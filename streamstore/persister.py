@@ -85,8 +85,8 @@ class _Batch:
 class Persister:
     """Moves every message from the partition feeds into history exactly once.
 
-    ``run()`` works until cancelled or :meth:`stop` (and stops gracefully on SIGTERM when
-    ``handle_signals``); ``drain()`` processes what is in the feeds now and returns.
+    ``run()`` works until cancelled or :meth:`stop` (call it from a SIGTERM handler for a
+    graceful stop); ``drain()`` processes what is in the feeds now and returns.
     """
 
     def __init__(
@@ -101,6 +101,7 @@ class Persister:
         self._history = history if history is not None else store.history_store
         self._keys = store.keys
         self._scripts = Scripts.register(store.client)
+        self._partition_of = {feed: p for p, feed in enumerate(self._keys.feeds())}
         self._settings = settings if settings is not None else PersisterSettings.from_env()
         self._consumer = self._settings.consumer
         self._stopping = False
@@ -118,26 +119,16 @@ class Persister:
         """Ask :meth:`run` to stop after the batch in hand is committed and acknowledged."""
         self._stopping = True
 
-    async def run(
-        self,
-        *,
-        handle_signals: bool = False,
-        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Persist until cancelled or stopped; readiness is announced once groups exist.
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Persist until cancelled or :meth:`stop`; readiness is announced once groups exist.
 
-        Errors from Redis or history are logged and retried with backoff; nothing is
-        acknowledged until it is committed.
+        A stop finishes the batch in hand (commit and acknowledgement) and returns; errors
+        from Redis or history are logged and retried with backoff; nothing is acknowledged
+        until it is committed.
         """
         await self._retrying(self._ensure_groups)
-        async with anyio.create_task_group() as tg:
-            if handle_signals:
-                tg.start_soon(self._watch_signals)
-            task_status.started()
-            try:
-                await self._loop()
-            finally:
-                tg.cancel_scope.cancel()
+        task_status.started()
+        await self._loop()
 
     async def drain(self) -> PersisterStats:
         """Process everything in the feeds now (own pending, idle entries of dead consumers,
@@ -180,13 +171,6 @@ class Persister:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 recover = True
-
-    async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("persister %s: signal %d, stopping gracefully", self._consumer, signum)
-                self.stop()
-                return
 
     async def _retrying(self, step: Any) -> None:
         backoff = self._settings.retry_backoff_s
@@ -377,13 +361,15 @@ class Persister:
             async with self._client.pipeline(transaction=False) as pipe:
                 for feed, ids in batch.ids.items():
                     pipe.xack(feed, GROUP, *ids)
-                    keys: list[str] = [feed]
-                    args: list[Any] = [GROUP, now_ms, hot_ms]
-                    for session_id, (mark, feed_id) in batch.marks.get(feed, {}).items():
-                        session = self._keys.session(session_id)
-                        keys += [session.meta, session.stream]
-                        args += [str(mark), feed_id]
-                    await self._scripts.advance(keys=keys, args=args, client=pipe)
+                    marks = batch.marks.get(feed, {})
+                    await self._scripts.advance(
+                        self._keys,
+                        self._partition_of[feed],
+                        now_ms=now_ms,
+                        hot_ms=hot_ms,
+                        marks=[(sid, mark, feed_id) for sid, (mark, feed_id) in marks.items()],
+                        client=pipe,
+                    )
                 await pipe.execute()
 
     def _maybe_crash(self, point: str) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import anyio
@@ -20,6 +21,7 @@ from streamstore.config import Settings
 from streamstore.connection import ServerInfo, check_server, connect
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import (
+    BackpressureError,
     MessageTooLargeError,
     SessionClosedError,
     SessionExistsError,
@@ -34,6 +36,7 @@ from streamstore.models import (
     STREAM_START,
     Message,
     Session,
+    SessionState,
     StreamId,
     new_message_id,
     validate_message_id,
@@ -201,7 +204,7 @@ class StreamStore:
         with translate_redis_errors():
             meta = await self._client.hgetall(self.keys.session(session_id).meta)
         if meta:
-            return decode_session_meta(session_id, cast("dict[bytes, bytes]", meta))
+            return decode_session_meta(session_id, meta)
         stored = await self._history.get_session(session_id)
         if stored is None:
             raise SessionNotFoundError(session_id)
@@ -236,6 +239,47 @@ class StreamStore:
         for stored in await self._history.list_sessions(after=after, limit=limit):
             merged.setdefault(stored.id, stored)
         return [merged[sid] for sid in sorted(merged)[:limit]]
+
+    async def close_session(self, session_id: str) -> Session:
+        """Close a session: it accepts no more messages; its messages stay readable, and its
+        Redis keys are retired by the sweeper once everything is persisted. Idempotent.
+
+        Raises:
+            ValidationError: the id is malformed.
+            SessionNotFoundError: no live session has this id.
+            SessionClosedError: the session was deleted.
+        """
+        return await self._end(session_id, SessionState.CLOSED)
+
+    async def delete_session(self, session_id: str) -> None:
+        """Delete a session in both tiers: its stream goes now, its history when the persister
+        reaches the deletion (after every message published before it). A late publish is
+        refused with SessionClosedError and never recreates it. Idempotent.
+
+        Raises:
+            ValidationError: the id is malformed.
+            SessionNotFoundError: the session is unknown.
+        """
+        await self._end(session_id, SessionState.DELETED)
+
+    async def _end(self, session_id: str, state: SessionState) -> Session:
+        current = await self.get_session(session_id)
+        if current.state is SessionState.DELETED and state is SessionState.CLOSED:
+            raise SessionClosedError(session_id, "deleted")
+        ended = dataclasses.replace(current, state=state, last_active_at=time.time())
+        with translate_redis_errors():
+            previous = await self._scripts.end_session(
+                self.keys,
+                session_id,
+                state=str(state),
+                now=ended.last_active_at,
+                snapshot=encode_session(ended),
+                tombstone_ms=self.settings.tombstone_ms,
+            )
+        if previous is None and current.state is not state:
+            # Only in history (its Redis keys were retired): record the change there directly.
+            await self._history.write_batch([], [ended])
+        return ended
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -293,16 +337,35 @@ class StreamStore:
         drafts = [self._draft(session_id, spec) for spec in messages]
         if not drafts:
             return []
+        deadline = time.monotonic() + self.settings.max_block_s
+        delay = 0.005
+        while True:
+            try:
+                reply = await self._publish_once(session_id, drafts)
+                break
+            except BackpressureError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        out = []
+        for (message, _), stream_id in zip(drafts, reply[::2], strict=True):
+            out.append(_with_stream_id(message, StreamId.parse(stream_id)))
+        return out
+
+    async def _publish_once(
+        self, session_id: str, drafts: list[tuple[Message, bytes]]
+    ) -> list[bytes]:
         keys = self.keys.session(session_id)
         window_ms = max(1, int(self.settings.dedup_window_s * 1000))
         now = time.time()
         bucket = int(now * 1000) // window_ms
-        args: list[Any] = [session_id, repr(now), 2 * window_ms + 1000]
+        args: list[Any] = [session_id, repr(now), 2 * window_ms + 1000, self.settings.max_lag]
         for message, payload in drafts:
             args.extend((message.id, payload))
         try:
             with translate_redis_errors():
-                reply = await self._scripts.publish(
+                reply: list[bytes] = await self._scripts.publish(
                     keys=[
                         keys.meta,
                         keys.stream,
@@ -316,10 +379,7 @@ class StreamStore:
         except Exception as exc:
             _raise_script_error(exc, session_id)
             raise
-        out = []
-        for (message, _), stream_id in zip(drafts, reply[::2], strict=True):
-            out.append(_with_stream_id(message, StreamId.parse(stream_id)))
-        return out
+        return reply
 
     def _draft(self, session_id: str, spec: Mapping[str, Any]) -> tuple[Message, bytes]:
         unknown = set(spec) - _MESSAGE_FIELDS
@@ -457,8 +517,13 @@ class StreamStore:
                 self.keys.session(session_id).meta, ["state", "last_id"]
             )
         state, last_id = meta
-        if state is None and await self._history.get_session(session_id) is None:
-            raise SessionNotFoundError(session_id)
+        if state is None:
+            stored = await self._history.get_session(session_id)
+            if stored is None:
+                raise SessionNotFoundError(session_id)
+            state = str(stored.state).encode()
+        if state == b"deleted":
+            raise SessionClosedError(session_id, "deleted")
         if after == "$":
             if last_id is not None:
                 return StreamId.parse(last_id)
@@ -507,6 +572,11 @@ def _raise_script_error(exc: BaseException, session_id: str) -> None:
         raise SessionClosedError(session_id, text.split(" ", 1)[1].strip()) from None
     if text.startswith("SSEXISTS"):
         raise SessionExistsError(session_id) from None
+    if text.startswith("SSBACKPRESSURE"):
+        raise BackpressureError(
+            f"persistence lags: the partition of session {session_id!r} holds max_lag "
+            "unpersisted messages"
+        ) from None
 
 
 def _embedded_dir(settings: Settings) -> Path | None:

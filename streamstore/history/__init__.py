@@ -7,13 +7,14 @@ own module, imported only when its scheme is asked for.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from streamstore.errors import ConfigurationError
 from streamstore.models import Message, Session, StreamId
 
-__all__ = ["HistoryStore", "history_from_url"]
+__all__ = ["HistoryStore", "RetentionResult", "history_from_url"]
 
 
 @runtime_checkable
@@ -44,6 +45,10 @@ class HistoryStore(Protocol):
         id) are skipped, so a redelivered batch changes nothing. The catalog's message count,
         last activity and last stream id are updated from the new messages. Either all of it
         commits or none of it does.
+
+        Deleted stays deleted: a snapshot in state ``deleted`` removes every stored message of
+        its session (those in this batch included) and sets its count to 0, and messages of a
+        session whose catalog state is ``deleted`` are skipped (not stored, not counted).
         """
 
     async def read(
@@ -69,6 +74,30 @@ class HistoryStore(Protocol):
 
     async def count_messages(self, session_id: str | None = None) -> int:
         """How many messages are stored, in one session or in all."""
+
+    async def enforce_retention(
+        self,
+        *,
+        older_than: float | None = None,
+        max_messages_per_session: int | None = None,
+        max_sessions: int | None = None,
+    ) -> RetentionResult:
+        """Delete what the retention policy no longer keeps; idempotent.
+
+        ``older_than``: messages whose timestamp is below it. ``max_messages_per_session``:
+        the oldest messages (by stream id) of sessions holding more. ``max_sessions``: the
+        least recently active closed or deleted sessions beyond that many sessions in all
+        (their catalog rows and messages; active sessions are never removed). Message
+        counts are kept exact.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    """What one retention pass deleted."""
+
+    messages: int = 0
+    sessions: int = 0
 
 
 def history_from_url(url: str) -> HistoryStore:

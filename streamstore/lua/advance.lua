@@ -1,12 +1,16 @@
--- Run by a persister after its batch is committed to history and acknowledged.
--- 1. The feed's safe point: every feed entry below it is acknowledged (the group's oldest
---    pending entry, or just after the last delivered one when nothing is pending).
--- 2. For each session of the batch whose newest entry in the batch lies below the safe point,
---    every one of its messages up to that entry is in history: raise its persisted watermark
---    and trim its stream below min(watermark, now - hot tail), recording that floor.
--- 3. Trim the feed below the safe point.
--- KEYS: 1 feed, then (meta, session stream) per session
--- ARGV: 1 group, 2 now (ms), 3 hot tail (ms), then (watermark stream id, feed id) per session
+-- Raise persisted watermarks, trim session streams below them, trim the feed. Run by a
+-- persister after its batch is committed and acknowledged (with the batch's marks), and by the
+-- sweeper (with none) so that deferred marks are applied even when a partition falls quiet.
+--
+-- The feed's safe point: every feed entry below it is acknowledged (the group's oldest pending
+-- entry, or just after the last delivered one when nothing is pending). A mark (session, newest
+-- stream id in the batch, its feed id) lying below the safe point proves that every message of
+-- that session up to the stream id is in history (a session's entries enter the feed in stream
+-- order). A mark at or above it (an older entry is still pending with another consumer) is
+-- deferred in a hash and applied by a later call.
+-- KEYS: 1 feed, 2 deferred marks hash
+-- ARGV: 1 group, 2 now (ms), 3 hot tail (ms), 4 meta key prefix, 5 stream key prefix,
+--       then (session id, watermark stream id, feed id) per session
 -- Returns the safe point, or false when the group does not exist (nothing is trimmed).
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -19,8 +23,7 @@ local function less(a, b)
 end
 
 local safe = nil
-local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
-for _, group in ipairs(groups) do
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
   for i = 1, #group, 2 do
     info[group[i]] = group[i + 1]
@@ -39,23 +42,44 @@ if not safe then
 end
 
 local cut = string.format('%d-0', math.max(0, tonumber(ARGV[2]) - tonumber(ARGV[3])))
-for i = 2, #KEYS, 2 do
-  local mark, feed_id = ARGV[i + 2], ARGV[i + 3]
-  if less(feed_id, safe) and redis.call('EXISTS', KEYS[i]) == 1 then
-    local persisted = redis.call('HGET', KEYS[i], 'persisted')
-    if not persisted or less(persisted, mark) then
-      persisted = mark
-      redis.call('HSET', KEYS[i], 'persisted', mark)
+local function apply(session, mark)
+  local meta, stream = ARGV[4] .. session, ARGV[5] .. session
+  if redis.call('EXISTS', meta) == 0 then
+    return
+  end
+  local persisted = redis.call('HGET', meta, 'persisted')
+  if not persisted or less(persisted, mark) then
+    persisted = mark
+    redis.call('HSET', meta, 'persisted', mark)
+  end
+  local floor = persisted
+  if less(cut, floor) then
+    floor = cut
+  end
+  local old = redis.call('HGET', meta, 'floor')
+  if not old or less(old, floor) then
+    redis.call('XTRIM', stream, 'MINID', floor)
+    redis.call('HSET', meta, 'floor', floor)
+  end
+end
+
+for i = 6, #ARGV, 3 do
+  local session, mark, feed_id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if less(feed_id, safe) then
+    apply(session, mark)
+  else
+    local held = redis.call('HGET', KEYS[2], session)
+    if not held or less(string.match(held, '^(%S+)'), mark) then
+      redis.call('HSET', KEYS[2], session, mark .. ' ' .. feed_id)
     end
-    local floor = persisted
-    if less(cut, floor) then
-      floor = cut
-    end
-    local old = redis.call('HGET', KEYS[i], 'floor')
-    if not old or less(old, floor) then
-      redis.call('XTRIM', KEYS[i + 1], 'MINID', floor)
-      redis.call('HSET', KEYS[i], 'floor', floor)
-    end
+  end
+end
+local deferred = redis.call('HGETALL', KEYS[2])
+for i = 1, #deferred, 2 do
+  local mark, feed_id = string.match(deferred[i + 1], '^(%S+) (%S+)$')
+  if less(feed_id, safe) then
+    apply(deferred[i], mark)
+    redis.call('HDEL', KEYS[2], deferred[i])
   end
 end
 redis.call('XTRIM', KEYS[1], 'MINID', safe)

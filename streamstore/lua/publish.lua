@@ -2,10 +2,12 @@
 -- stream AND the partition feed, or (on an error reply) none of them does.
 -- KEYS: 1 meta, 2 session stream, 3 partition feed, 4 deadlines zset,
 --       5 dedup hash (current bucket), 6 dedup hash (previous bucket)
--- ARGV: 1 session id, 2 now (seconds), 3 dedup bucket lifetime (ms),
---       then one (message id, payload) pair per message
+-- ARGV: 1 session id, 2 now (seconds), 3 dedup bucket lifetime (ms), 4 high-water mark of
+--       the partition feed (entries not yet persisted), then one (message id, payload) pair
+--       per message
 -- Returns a flat array: stream id, 1 (new) or 0 (duplicate: the first stream id), per message.
--- Errors: SSNOSESSION (no such live session), SSCLOSED <state>.
+-- Errors: SSNOSESSION (no such live session), SSCLOSED <state>, SSBACKPRESSURE (the feed is
+-- at its high-water mark: persistence lags), SSWRONGTYPE.
 local meta = redis.call('HMGET', KEYS[1], 'state', 'ttl')
 local state = meta[1]
 if not state then
@@ -22,9 +24,12 @@ for _, key in ipairs({KEYS[2], KEYS[3]}) do
     return redis.error_reply('SSWRONGTYPE ' .. key .. ' is a ' .. kind)
   end
 end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then
+  return redis.error_reply('SSBACKPRESSURE')
+end
 local session, now = ARGV[1], ARGV[2]
 local out, added, last = {}, 0, nil
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local field = session .. ':' .. ARGV[i]
   local first = redis.call('HGET', KEYS[5], field) or redis.call('HGET', KEYS[6], field)
   if first then

@@ -1,0 +1,668 @@
+"""``streamstore bench``: one workload through streamstore and through hand-written redis-py and
+sqlite3 baselines, in one run, each figure printed beside its baseline and their ratio.
+
+A ratio is always streamstore / baseline: below 1 is slower for a throughput, above 1 is slower
+for a latency or a memory figure. The machine may be shared and noisy: compare the ratios of
+one run, not raw figures across runs. Every step works under a key prefix of its own, deletes
+its keys when it ends (never FLUSHDB) and keeps its SQLite files in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import resource
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+
+import anyio
+import anyio.to_thread
+import orjson
+from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
+
+from streamstore.config import PersisterSettings, Settings
+from streamstore.keys import Keyspace
+from streamstore.models import Message
+from streamstore.persister import Persister
+from streamstore.store import StreamStore
+
+__all__ = ["BenchReport", "Figure", "add_bench_arguments", "run_bench"]
+
+CONTENT: Final = ("The planner asked the critic to check the Lisbon itinerary once more. " * 3)[
+    :200
+]
+"""The content of every message: 200 characters, about what one chat turn carries."""
+
+CONCURRENCY: Final = (8, 100)
+"""Concurrent producers (asyncio tasks) of the concurrent publish steps."""
+
+BATCH: Final = 100
+"""Messages per publish_many call, and XADDs per pipeline in the baseline."""
+
+READ_COUNT: Final = 1000
+"""COUNT of the baseline's XREADGROUP; one SQLite transaction per read batch."""
+
+QUICK_MESSAGES: Final = 5_000
+DEFAULT_MESSAGES: Final = 30_000
+QUICK_DURATION: Final = 2.0
+DEFAULT_DURATION: Final = 5.0
+DEFAULT_RATE: Final = 2_000.0
+
+_HEAD_START: Final = 0.1
+"""Seconds a latency reader gets to issue its first blocking read before publishing starts,
+so that the first messages do not measure the reader's start-up."""
+_STEPS: Final = 7
+_GROUP: Final = "bench"
+_SENDER: Final = "agent-1"
+_RECIPIENT: Final = "agent-2"
+_RAW_TABLE: Final = (
+    "CREATE TABLE messages (pk INTEGER PRIMARY KEY, session_id TEXT NOT NULL, "
+    "stream_id TEXT NOT NULL, sender TEXT NOT NULL, recipient TEXT, content TEXT NOT NULL, "
+    "timestamp REAL NOT NULL)"
+)
+_RAW_INSERT: Final = (
+    "INSERT INTO messages (session_id, stream_id, sender, recipient, content, timestamp) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_RAW_SELECT: Final = (
+    "SELECT stream_id, sender, recipient, content, timestamp FROM messages "
+    "WHERE session_id = ? ORDER BY pk"
+)
+
+Row = tuple[str, str, str, str, str, float]
+"""A baseline history row: session, stream id, sender, recipient, content, timestamp."""
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One measured figure beside the same work done by hand.
+
+    Attributes:
+        name: what was measured and against what, stable across runs.
+        unit: ``msg/s``, ``ms`` or ``MiB``.
+        value: the streamstore figure.
+        baseline: the hand-written baseline's figure.
+        higher_is_better: True for throughputs, False for latencies and memory.
+    """
+
+    name: str
+    unit: str
+    value: float
+    baseline: float
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float:
+        """streamstore / baseline."""
+        return self.value / self.baseline
+
+    def as_dict(self) -> dict[str, object]:
+        """The figure as a JSON object."""
+        return {
+            "name": self.name,
+            "value": self.value,
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "ratio": self.ratio,
+            "higher_is_better": self.higher_is_better,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BenchReport:
+    """Every figure of one run and what the run was."""
+
+    server: str
+    messages: int
+    rate: float
+    duration: float
+    seconds: float
+    figures: tuple[Figure, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        """The report as a JSON object (what ``--json`` writes)."""
+        return {
+            "server": self.server,
+            "messages": self.messages,
+            "rate": self.rate,
+            "duration": self.duration,
+            "seconds": self.seconds,
+            "figures": [figure.as_dict() for figure in self.figures],
+        }
+
+    def table(self) -> list[str]:
+        """The figures as aligned text lines: figure | streamstore | baseline | ratio."""
+        rows = [("figure", "streamstore", "baseline", "ratio")]
+        rows += [
+            (
+                f.name,
+                _format(f.value, f.unit),
+                _format(f.baseline, f.unit),
+                f"{f.ratio:.2f}x",
+            )
+            for f in self.figures
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+
+        def line(row: tuple[str, str, str, str]) -> str:
+            first, *numbers = row
+            cells = [first.ljust(widths[0])]
+            cells += [cell.rjust(width) for cell, width in zip(numbers, widths[1:], strict=True)]
+            return " | ".join(cells)
+
+        rule = "-+-".join("-" * width for width in widths)
+        return [line(rows[0]), rule, *(line(row) for row in rows[1:])]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Options:
+    messages: int
+    rate: float
+    duration: float
+    json_path: Path | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> _Options:
+        quick = bool(args.quick)
+        return cls(
+            messages=args.messages or (QUICK_MESSAGES if quick else DEFAULT_MESSAGES),
+            rate=args.rate,
+            duration=args.duration or (QUICK_DURATION if quick else DEFAULT_DURATION),
+            json_path=None if args.json is None else Path(args.json),
+        )
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``streamstore bench`` to ``parser``."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small counts ({QUICK_MESSAGES:,} messages per step, {QUICK_DURATION:g} s of "
+        "latency): well under a minute",
+    )
+    parser.add_argument(
+        "--messages",
+        type=_positive_int,
+        metavar="N",
+        help=f"messages per throughput step (default: {DEFAULT_MESSAGES:,}; "
+        f"--quick: {QUICK_MESSAGES:,})",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=DEFAULT_RATE,
+        metavar="R",
+        help=f"messages per second of the latency step (default: {DEFAULT_RATE:,.0f})",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_float,
+        metavar="SECONDS",
+        help=f"length of the latency step (default: {DEFAULT_DURATION:g}; "
+        f"--quick: {QUICK_DURATION:g})",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+
+
+async def run_bench(
+    args: argparse.Namespace, settings: Settings, say: Callable[[str], None] = print
+) -> BenchReport:
+    """Run every step on the server of ``settings`` (the embedded one when ``redis_url`` is
+    None), report progress through ``say``, then the table; write ``--json`` if asked.
+
+    ``settings.history_url`` and ``key_prefix`` are not used: each step has a prefix and a
+    SQLite file of its own, in a temporary directory removed at the end.
+
+    Raises:
+        StreamStoreError: the server cannot be used (as from :meth:`StreamStore.open`).
+        RuntimeError: streamstore lost or repeated a message during the run.
+    """
+    options = _Options.from_args(args)
+    started = time.perf_counter()
+    rss_at_start = _peak_rss_mib()
+    with tempfile.TemporaryDirectory(prefix="streamstore-bench-") as scratch:
+        base = settings.replace(
+            history_url=_sqlite_url(Path(scratch) / "server.db"), key_prefix=_new_prefix()
+        )
+        async with StreamStore.open(settings=base) as host, contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(_delete_keys, host.client, host.keys.prefix)
+            raw = Redis.from_url(host.url)
+            stack.push_async_callback(raw.aclose)
+            server = f"{host.server.name} {'.'.join(map(str, host.server.version))}"
+            say(
+                f"streamstore bench: {server} at {host.url}, {base.partitions} partitions, "
+                f"{options.messages:,} messages per step, latency at {options.rate:,.0f} msg/s "
+                f"for {options.duration:g} s"
+            )
+            bench = _Bench(base.replace(redis_url=host.url), raw, Path(scratch), options, say)
+            await bench.publish(producers=1, step=1)
+            for step, producers in enumerate(CONCURRENCY, start=2):
+                await bench.publish(producers=producers, step=step)
+            await bench.publish_batched(step=4)
+            await bench.persist_and_replay(step=5)
+            await bench.latency(step=6)
+    peak = _peak_rss_mib()
+    bench.add(Figure("peak RSS / RSS at start", "MiB", peak, rss_at_start, False))
+    say(f"[7/{_STEPS}] peak RSS: {peak:,.1f} MiB ({rss_at_start:,.1f} MiB at start)")
+    report = BenchReport(
+        server=server,
+        messages=options.messages,
+        rate=options.rate,
+        duration=options.duration,
+        seconds=time.perf_counter() - started,
+        figures=tuple(bench.figures),
+    )
+    for line in report.table():
+        say(line)
+    if options.json_path is not None:
+        options.json_path.write_bytes(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2))
+        say(f"figures written to {options.json_path}")
+    return report
+
+
+class _Bench:
+    """The steps, each measuring streamstore and its baseline back to back on one server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        raw: Redis,
+        scratch: Path,
+        options: _Options,
+        say: Callable[[str], None],
+    ) -> None:
+        self._settings = settings
+        self._raw = raw
+        self._scratch = scratch
+        self._options = options
+        self._say = say
+        self.figures: list[Figure] = []
+
+    def add(self, figure: Figure) -> None:
+        """Record a figure for the report."""
+        self.figures.append(figure)
+
+    @contextlib.asynccontextmanager
+    async def _store(self, **changes: Any) -> AsyncIterator[StreamStore]:
+        """A store under a new key prefix, with a SQLite history in the scratch directory;
+        its keys (and those of the baseline, under the same prefix) are deleted afterwards."""
+        prefix = _new_prefix()
+        settings = self._settings.replace(
+            key_prefix=prefix, history_url=_sqlite_url(self._scratch / f"{prefix}.db"), **changes
+        )
+        try:
+            async with StreamStore.open(settings=settings) as store:
+                yield store
+        finally:
+            await _delete_keys(self._raw, prefix)
+
+    async def publish(self, *, producers: int, step: int) -> None:
+        """``store.publish`` vs unpipelined XADD, each producer awaiting every call."""
+        each = max(1, self._options.messages // producers)
+        async with self._store() as store:
+            keys = [_raw_key(store.keys.prefix, f"s{p}") for p in range(producers)]
+            sessions = [(await store.create_session([_SENDER, _RECIPIENT])).id for _ in keys]
+
+            async def by_hand(p: int) -> None:
+                await self._raw.xadd(keys[p], _raw_fields())
+
+            async def streamstore(p: int) -> None:
+                await store.publish(
+                    sessions[p], sender=_SENDER, recipient=_RECIPIENT, content=CONTENT
+                )
+
+            raw_s = await _producers(producers, each, by_hand)
+            store_s = await _producers(producers, each, streamstore)
+        total = producers * each
+        plural = "s" if producers > 1 else ""
+        self._throughput(
+            step,
+            f"publish, {producers} producer{plural} / XADD",
+            total,
+            store_s,
+            raw_s,
+        )
+
+    async def publish_batched(self, *, step: int) -> None:
+        """``store.publish_many`` vs pipelined XADD, batches of ``BATCH``."""
+        calls = max(1, self._options.messages // BATCH)
+        async with self._store() as store:
+            key = _raw_key(store.keys.prefix, "batched")
+            session = (await store.create_session([_SENDER, _RECIPIENT])).id
+            raw_s = await _producers(1, calls, lambda _: _xadd_pipelined(self._raw, key, BATCH))
+            store_s = await _producers(1, calls, lambda _: _publish_many(store, session, BATCH))
+        self._throughput(
+            step,
+            f"publish_many x{BATCH} / pipelined XADD x{BATCH}",
+            calls * BATCH,
+            store_s,
+            raw_s,
+        )
+
+    async def persist_and_replay(self, *, step: int) -> None:
+        """Persister.drain() vs XREADGROUP + XACK and sqlite3 executemany; then replay from
+        history (the stream trimmed to its watermark: ``hot_tail=0``) vs a sqlite3 SELECT."""
+        count = self._options.messages
+        async with self._store(hot_tail=0) as store:
+            key = _raw_key(store.keys.prefix, "persist")
+            session = (await store.create_session([_SENDER, _RECIPIENT])).id
+            for start in range(0, count, BATCH):
+                size = min(BATCH, count - start)
+                await _xadd_pipelined(self._raw, key, size)
+                await _publish_many(store, session, size)
+
+            await self._raw.xgroup_create(key, _GROUP, id="0")
+            started = time.perf_counter()
+            batches = await _read_and_ack(self._raw, key, session)
+            read_s = time.perf_counter() - started
+            raw_db = self._scratch / f"{store.keys.prefix}-raw.db"
+            write_s = await anyio.to_thread.run_sync(_write_rows, raw_db, batches)
+
+            persister = Persister(store, PersisterSettings(consumer=_GROUP))
+            started = time.perf_counter()
+            await persister.drain()
+            drain_s = time.perf_counter() - started
+            stored = await store.history_store.count_messages(session)
+            if stored != count:
+                raise RuntimeError(f"published {count} messages but history holds {stored}")
+            tail = await store.client.xlen(store.keys.session(session).stream)
+
+            select_s, selected = await anyio.to_thread.run_sync(_select_rows, raw_db, session)
+            started = time.perf_counter()
+            replayed = 0
+            async for _ in store.replay(session):
+                replayed += 1
+            replay_s = time.perf_counter() - started
+        if replayed != count or selected != count:
+            raise RuntimeError(
+                f"replay yielded {replayed} and SELECT {selected} of {count} messages"
+            )
+        persist = count / drain_s
+        figures = [
+            Figure("persist / XREADGROUP+XACK", "msg/s", persist, count / read_s),
+            Figure("persist / sqlite3 executemany", "msg/s", persist, count / write_s),
+            Figure("persist / read+ack+write", "msg/s", persist, count / (read_s + write_s)),
+        ]
+        self.figures.extend(figures)
+        self._say(
+            f"[{step}/{_STEPS}] persist, {count:,} messages: streamstore {persist:,.0f} msg/s; "
+            f"XREADGROUP+XACK {count / read_s:,.0f} msg/s, sqlite3 {count / write_s:,.0f} msg/s, "
+            f"both {figures[-1].baseline:,.0f} msg/s ({figures[-1].ratio:.2f}x); "
+            f"{tail} entries left in the trimmed stream"
+        )
+        self._throughput(step, "replay from history / sqlite3 SELECT", count, replay_s, select_s)
+
+    async def latency(self, *, step: int) -> None:
+        """Publish -> subscriber latency at a fixed rate: ``store.publish`` and
+        ``store.subscribe`` vs XADD and XREAD BLOCK."""
+        total = max(1, round(self._options.rate * self._options.duration))
+        async with self._store() as store:
+            key = _raw_key(store.keys.prefix, "latency")
+            session = (await store.create_session([_SENDER, _RECIPIENT])).id
+
+            async def by_hand(i: int) -> None:
+                await self._raw.xadd(key, {"i": i, **_raw_fields()})
+
+            async def streamstore(i: int) -> None:
+                await store.publish(
+                    session, sender=_SENDER, recipient=_RECIPIENT, content=CONTENT, id=f"m{i}"
+                )
+
+            raw_lat, raw_rate = await self._paced(
+                by_hand, lambda sent: _xread_latencies(self._raw, key, sent), total
+            )
+            store_lat, store_rate = await self._paced(
+                streamstore, lambda sent: _subscribe_latencies(store, session, sent), total
+            )
+        for label, q in (("p50", 0.50), ("p99", 0.99), ("max", 1.0)):
+            self.add(
+                Figure(
+                    f"latency {label} / XADD -> XREAD BLOCK",
+                    "ms",
+                    _percentile(store_lat, q) * 1000,
+                    _percentile(raw_lat, q) * 1000,
+                    False,
+                )
+            )
+        p50, p99 = self.figures[-3], self.figures[-2]
+        self._say(
+            f"[{step}/{_STEPS}] latency, {total:,} messages at {store_rate:,.0f} msg/s "
+            f"(baseline {raw_rate:,.0f}): p50 {p50.value:.2f} ms vs {p50.baseline:.2f}, "
+            f"p99 {p99.value:.2f} ms vs {p99.baseline:.2f}"
+        )
+
+    async def _paced(
+        self,
+        publish: Callable[[int], Awaitable[None]],
+        receive: Callable[[list[float]], Awaitable[list[float]]],
+        total: int,
+    ) -> tuple[list[float], float]:
+        """Publish ``total`` messages at the configured rate while ``receive`` collects each
+        one's latency; returns the latencies and the rate achieved."""
+        rate = self._options.rate
+        sent = [0.0] * total
+        latencies: list[float] = []
+
+        async def collect() -> None:
+            latencies.extend(await receive(sent))
+
+        with anyio.fail_after(total / rate + 30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(collect)
+                await anyio.sleep(_HEAD_START)
+                started = time.perf_counter()
+                for i in range(total):
+                    delay = started + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                    sent[i] = time.perf_counter()
+                    await publish(i)
+                achieved = total / max(time.perf_counter() - started, 1e-9)
+        return latencies, achieved
+
+    def _throughput(self, step: int, name: str, count: int, store_s: float, raw_s: float) -> None:
+        figure = Figure(name, "msg/s", count / store_s, count / raw_s)
+        self.add(figure)
+        self._say(
+            f"[{step}/{_STEPS}] {name}, {count:,} messages: streamstore {figure.value:,.0f} "
+            f"msg/s, baseline {figure.baseline:,.0f} msg/s ({figure.ratio:.2f}x)"
+        )
+
+
+async def _producers(producers: int, each: int, send: Callable[[int], Awaitable[None]]) -> float:
+    """Seconds for ``producers`` concurrent tasks to await ``send(p)`` ``each`` times, after one
+    untimed call per producer (connections opened, scripts loaded)."""
+
+    async def produce(p: int, calls: int) -> None:
+        for _ in range(calls):
+            await send(p)
+
+    async def run(calls: int) -> float:
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for p in range(producers):
+                tg.start_soon(produce, p, calls)
+        return time.perf_counter() - started
+
+    await run(1)
+    return await run(each)
+
+
+def _raw_fields() -> dict[FieldT, EncodableT]:
+    """What a hand-written publisher puts in an entry."""
+    return {"sender": _SENDER, "recipient": _RECIPIENT, "content": CONTENT, "ts": time.time()}
+
+
+async def _xadd_pipelined(raw: Redis, key: str, count: int) -> None:
+    async with raw.pipeline(transaction=False) as pipe:
+        for _ in range(count):
+            pipe.xadd(key, _raw_fields())
+        await pipe.execute()
+
+
+async def _publish_many(store: StreamStore, session_id: str, count: int) -> None:
+    spec = {"sender": _SENDER, "recipient": _RECIPIENT, "content": CONTENT}
+    await store.publish_many(session_id, [spec] * count)
+
+
+async def _read_and_ack(raw: Redis, key: str, session_id: str) -> list[list[Row]]:
+    """The hand-written consumer: XREADGROUP COUNT 1000, turn entries into rows, XACK."""
+    batches: list[list[Row]] = []
+    while True:
+        reply = _streams(await raw.xreadgroup(_GROUP, "consumer", {key: ">"}, count=READ_COUNT))
+        if not reply:
+            return batches
+        entries = reply[0][1]
+        batches.append(
+            [
+                (
+                    session_id,
+                    entry_id.decode(),
+                    fields[b"sender"].decode(),
+                    fields[b"recipient"].decode(),
+                    fields[b"content"].decode(),
+                    float(fields[b"ts"]),
+                )
+                for entry_id, fields in entries
+            ]
+        )
+        await raw.xack(key, _GROUP, *(entry_id for entry_id, _ in entries))
+
+
+def _connect_raw(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = FULL")
+    return connection
+
+
+def _write_rows(path: Path, batches: list[list[Row]]) -> float:
+    """The hand-written history: executemany, one transaction per read batch; returns the
+    seconds the writes took."""
+    connection = _connect_raw(path)
+    try:
+        connection.execute(_RAW_TABLE)
+        started = time.perf_counter()
+        for rows in batches:
+            with connection:
+                connection.executemany(_RAW_INSERT, rows)
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+def _select_rows(path: Path, session_id: str) -> tuple[float, int]:
+    """The hand-written replay: one SELECT of the session's rows; returns seconds and rows."""
+    connection = _connect_raw(path)
+    try:
+        started = time.perf_counter()
+        rows = connection.execute(_RAW_SELECT, (session_id,)).fetchall()
+        return time.perf_counter() - started, len(rows)
+    finally:
+        connection.close()
+
+
+async def _xread_latencies(raw: Redis, key: str, sent: list[float]) -> list[float]:
+    """The hand-written subscriber: XREAD BLOCK from the start of a new stream."""
+    latencies: list[float] = []
+    cursor: bytes | str = "0-0"
+    while len(latencies) < len(sent):
+        reply = _streams(await raw.xread({key: cursor}, count=READ_COUNT, block=1000))
+        for _, entries in reply:
+            for entry_id, fields in entries:
+                latencies.append(time.perf_counter() - sent[int(fields[b"i"])])
+                cursor = entry_id
+    return latencies
+
+
+async def _subscribe_latencies(
+    store: StreamStore, session_id: str, sent: list[float]
+) -> list[float]:
+    """``store.subscribe`` from the start of a new session (message ids are ``m<index>``)."""
+    latencies: list[float] = []
+    # subscribe() is an async generator: close it at once when leaving early, not at GC.
+    subscription = cast("AsyncGenerator[Message, None]", store.subscribe(session_id, after="0"))
+    async with contextlib.aclosing(subscription) as messages:
+        async for message in messages:
+            latencies.append(time.perf_counter() - sent[int(message.id[1:])])
+            if len(latencies) == len(sent):
+                break
+    return latencies
+
+
+def _streams(reply: object) -> list[Any]:
+    """An XREAD/XREADGROUP reply of the baseline client: ``[[key, [(id, fields), ...]], ...]``
+    (redis-py's RESP2-shaped default), empty when nothing arrived."""
+    return cast("list[Any]", reply or [])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile (``q`` from 0 to 1) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+async def _delete_keys(client: Redis, prefix: str) -> None:
+    """Delete every key under ``prefix`` (SCAN + UNLINK; the server may be shared), even when
+    the step was cancelled."""
+    with anyio.move_on_after(30, shield=True):
+        pattern = Keyspace(prefix, 1).pattern
+        keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+
+
+def _new_prefix() -> str:
+    return f"bench{uuid.uuid4().hex[:10]}"
+
+
+def _raw_key(prefix: str, name: str) -> str:
+    """A baseline stream, named as a user would by hand, under the step's prefix so that the
+    step's clean-up deletes it with streamstore's keys."""
+    return f"{prefix}:raw:{name}"
+
+
+def _sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+
+
+def _format(value: float, unit: str) -> str:
+    if unit == "msg/s":
+        return f"{value:,.0f} {unit}"
+    if unit == "ms":
+        return f"{value:,.2f} {unit}"
+    return f"{value:,.1f} {unit}"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
