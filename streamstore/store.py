@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -31,7 +31,7 @@ from streamstore.errors import (
     translate_redis_errors,
 )
 from streamstore.history import HistoryStore, history_from_url
-from streamstore.keys import Keyspace
+from streamstore.keys import GROUP, Keyspace
 from streamstore.models import (
     STREAM_START,
     Message,
@@ -45,6 +45,7 @@ from streamstore.models import (
 )
 from streamstore.replay import SessionReader
 from streamstore.scripts import Scripts
+from streamstore.stats import DeadLetter, DeploymentStats, PartitionStats
 
 __all__ = ["StreamStore"]
 
@@ -417,6 +418,73 @@ class StreamStore:
             )
         return message, payload
 
+    # -- operations -------------------------------------------------------------------------
+
+    async def stats(self) -> DeploymentStats:
+        """A snapshot of feeds, groups, sessions, dead letters and server memory.
+
+        Raises:
+            ConnectionLostError: the server cannot be reached.
+        """
+        with translate_redis_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.info("memory")
+                pipe.xlen(self.keys.dead_letters)
+                for p in range(self.keys.partitions):
+                    pipe.zcard(self.keys.index(p))
+                    pipe.xinfo_stream(self.keys.feed(p))
+                    pipe.xinfo_groups(self.keys.feed(p))
+                replies = await pipe.execute(raise_on_error=False)
+        memory, dead = replies[0], replies[1]
+        partitions = []
+        live = 0
+        for p in range(self.keys.partitions):
+            cardinality, stream, groups = replies[2 + 3 * p : 5 + 3 * p]
+            live += cardinality
+            partitions.append(_partition_stats(p, stream, groups))
+        return DeploymentStats(
+            server=self.server.name,
+            server_version=".".join(map(str, self.server.version)),
+            maxmemory_policy=self.server.maxmemory_policy,
+            used_memory=int(memory.get("used_memory", 0)) if isinstance(memory, dict) else 0,
+            live_sessions=live,
+            dead_letters=int(dead) if isinstance(dead, int) else 0,
+            max_lag=self.settings.max_lag,
+            partitions=partitions,
+        )
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        """The oldest dead-lettered entries, with their reasons.
+
+        Raises:
+            ConnectionLostError: the server cannot be reached.
+        """
+        with translate_redis_errors():
+            entries = await self._client.xrange(self.keys.dead_letters, count=limit)
+        return [_dead_letter(entry_id, fields) for entry_id, fields in entries or []]
+
+    async def requeue_dead_letter(self, dead_letter_id: str) -> bool:
+        """Put a dead-lettered entry back at the end of its feed (after the cause is fixed);
+        returns False when there is no such dead letter.
+
+        Raises:
+            ValidationError: the id is not a stream id.
+            ConnectionLostError: the server cannot be reached.
+        """
+        entry = str(StreamId.parse(dead_letter_id))
+        with translate_redis_errors():
+            found = await self._client.xrange(self.keys.dead_letters, entry, entry)
+            if not found:
+                return False
+            dead = _dead_letter(*found[0])
+            if dead.feed not in self.keys.feeds() or not dead.fields:
+                raise ValidationError(f"dead letter {entry} cannot be requeued (no original)")
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.xadd(dead.feed, cast("dict[Any, Any]", dead.fields))
+                pipe.xdel(self.keys.dead_letters, entry)
+                await pipe.execute()
+        return True
+
     # -- reading ----------------------------------------------------------------------------
 
     async def subscribe(
@@ -530,6 +598,38 @@ class StreamStore:
             stored = await self._history.get_session(session_id)
             return (stored.last_stream_id if stored else None) or STREAM_START
         return _cursor(after)
+
+
+def _partition_stats(partition: int, stream: Any, groups: Any) -> PartitionStats:
+    """Stats of one feed from XINFO STREAM and XINFO GROUPS replies (errors: no feed yet)."""
+    info: dict[str, Any] = stream if isinstance(stream, dict) else {}
+    group: dict[str, Any] = {}
+    if isinstance(groups, list):
+        group = next((g for g in groups if g["name"] == GROUP.encode()), {})
+    lag = group.get("lag")
+    return PartitionStats(
+        partition=partition,
+        published=int(info.get("entries-added") or info.get("length") or 0),
+        backlog=int(info.get("length") or 0),
+        lag=None if lag is None else int(lag),
+        pending=int(group.get("pending", 0)),
+        consumers=int(group.get("consumers", 0)),
+    )
+
+
+def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
+    """A dead letter from its raw XRANGE entry (bytes ids and fields)."""
+
+    def text(name: bytes) -> str:
+        return bytes(fields.get(name, b"")).decode(errors="replace")
+
+    return DeadLetter(
+        id=entry_id.decode(),
+        feed=text(b"feed"),
+        entry_id=text(b"id"),
+        reason=text(b"reason"),
+        fields={k[2:]: v for k, v in fields.items() if k.startswith(b"f:")},
+    )
 
 
 async def _stop_in_thread(server: EmbeddedServer) -> None:
