@@ -58,7 +58,7 @@ class Settings:
         dedup_window: a repeated message id within this time returns the first stream id.
         session_ttl: default sliding idle time after which a session is closed (None: never).
         hot_tail: how long persisted messages stay in the session stream for fast replay.
-        socket_timeout: redis-py socket timeout; must exceed ``block``.
+        socket_timeout: redis-py socket timeout; at least twice ``block``.
         block: longest single blocking read (XREAD/XREADGROUP BLOCK).
         reconnect_timeout: how long readers retry a lost connection before raising.
         eviction_check: ``"refuse"`` (default) or ``"warn"`` when the server may evict keys.
@@ -112,9 +112,9 @@ class Settings:
             raise ConfigurationError("key_prefix must be 1-32 of A-Z a-z 0-9 _ . -")
         if self.dedup_window_s < 0.001:
             raise ConfigurationError("dedup_window must be at least 1 ms")
-        if self.block_s <= 0 or self.block_s + 1.0 > self.socket_timeout_s:
+        if self.block_s <= 0 or 2 * self.block_s > self.socket_timeout_s:
             raise ConfigurationError(
-                "block must be positive and at least 1 s shorter than socket_timeout, "
+                "block must be positive and at most half of socket_timeout, "
                 "or blocking reads would time out on the socket"
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -34,7 +34,7 @@ def test_durations_accept_timedelta_and_are_normalized() -> None:
         {"partitions": True},
         {"key_prefix": "has space"},
         {"key_prefix": "a:b"},
-        {"block": 10, "socket_timeout": 10},
+        {"block": 6, "socket_timeout": 10},
         {"dedup_window": -1},
         {"max_message_bytes": 0},
         {"eviction_check": "ignore"},
