@@ -9,9 +9,10 @@ result is discarded if the floor passed the cursor meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -55,7 +56,7 @@ class SessionReader:
 
     async def follow(
         self, session_id: str, *, after: StreamId, follow: bool
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Every message with stream id > ``after``, in order, each once; with ``follow``, then
         the live ones until the session is closed.
 
@@ -66,9 +67,11 @@ class SessionReader:
         while True:
             state, floor, entries = await self._snapshot(session_id, "fwd", cursor, PAGE)
             if floor > cursor:
-                async for message in self._history_range(session_id, cursor, floor):
-                    cursor = message.stream_id or cursor
-                    yield message
+                older = self._history_range(session_id, cursor, floor)
+                async with contextlib.aclosing(older):
+                    async for message in older:
+                        cursor = message.stream_id or cursor
+                        yield message
             for message in entries:
                 cursor = message.stream_id or cursor
                 yield message
@@ -76,9 +79,11 @@ class SessionReader:
                 continue
             if not follow or state is not SessionState.ACTIVE:
                 return
-            async for message in self._live(session_id, cursor):
-                cursor = message.stream_id or cursor
-                yield message
+            live = self._live(session_id, cursor)
+            async with contextlib.aclosing(live):
+                async for message in live:
+                    cursor = message.stream_id or cursor
+                    yield message
 
     async def page(
         self,
@@ -128,7 +133,7 @@ class SessionReader:
 
     async def _history_range(
         self, session_id: str, after: StreamId, before: StreamId
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         cursor = after
         while True:
             rows = await self._history.read(session_id, after=cursor, before=before, limit=PAGE)
@@ -138,7 +143,7 @@ class SessionReader:
             if len(rows) < PAGE:
                 return
 
-    async def _live(self, session_id: str, cursor: StreamId) -> AsyncIterator[Message]:
+    async def _live(self, session_id: str, cursor: StreamId) -> AsyncGenerator[Message, None]:
         """Blocking reads after ``cursor``; returns when the floor passes the cursor (the caller
         then catches up from history) or the session stops being active."""
         keys = self._keys.session(session_id)

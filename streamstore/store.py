@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
@@ -493,7 +493,7 @@ class StreamStore:
         *,
         after: Cursor = "$",
         recipient: str | None = None,
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Live messages of a session, from now (``after="$"``) or after a cursor, until the
         session closes. Survives dropped connections without losing or repeating a message.
 
@@ -503,9 +503,11 @@ class StreamStore:
             ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
         """
         start = await self._resolve(session_id, after)
-        async for message in self._reader.follow(session_id, after=start, follow=True):
-            if recipient is None or message.is_for(recipient):
-                yield message
+        messages = self._reader.follow(session_id, after=start, follow=True)
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                if recipient is None or message.is_for(recipient):
+                    yield message
 
     async def replay(
         self,
@@ -514,7 +516,7 @@ class StreamStore:
         after: Cursor | None = None,
         follow: bool = False,
         recipient: str | None = None,
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Every message after ``after`` (default: from the start), from history and then
         Redis, in stream-id order, each exactly once; with ``follow``, continue live.
 
@@ -524,9 +526,11 @@ class StreamStore:
             ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
         """
         start = await self._resolve(session_id, after if after is not None else STREAM_START)
-        async for message in self._reader.follow(session_id, after=start, follow=follow):
-            if recipient is None or message.is_for(recipient):
-                yield message
+        messages = self._reader.follow(session_id, after=start, follow=follow)
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                if recipient is None or message.is_for(recipient):
+                    yield message
 
     async def history(
         self,
@@ -573,8 +577,10 @@ class StreamStore:
         """
         validate_name(recipient, "recipient")
         with anyio.move_on_after(timeout):
-            async for message in self.subscribe(session_id, after=after, recipient=recipient):
-                return message
+            messages = self.subscribe(session_id, after=after, recipient=recipient)
+            async with contextlib.aclosing(messages):
+                async for message in messages:
+                    return message
         raise WaitTimeoutError(f"no message for {recipient!r} in session {session_id!r}")
 
     async def _resolve(self, session_id: str, after: Cursor) -> StreamId:

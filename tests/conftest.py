@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import redis.asyncio
 
 from streamstore import Settings, StreamStore
 from streamstore.embedded import EmbeddedServer
+from tests.faults.tally import Tally
 
 SYSTEM_REDIS = os.environ.get("STREAMSTORE_TEST_REDIS_URL")
 
@@ -74,3 +75,14 @@ async def raw(redis_url: str, key_prefix: str) -> AsyncIterator[redis.asyncio.Re
 async def store(settings: Settings, raw: redis.asyncio.Redis) -> AsyncIterator[StreamStore]:
     async with StreamStore.open(settings=settings) as opened:
         yield opened
+
+
+@pytest.fixture
+def tally(request: pytest.FixtureRequest) -> Callable[[str, str, str], Tally]:
+    callspec = getattr(request.node, "callspec", None)
+    server = "system" if callspec is not None and "system" in callspec.id else "embedded"
+
+    def make(scenario: str, fault: str, injection: str) -> Tally:
+        return Tally(scenario, fault, injection, server=server)
+
+    return make

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -26,7 +25,10 @@ from streamstore.embedded import EmbeddedServer
 from streamstore.history import history_from_url
 from streamstore.history.memory import MemoryHistory
 from streamstore.keys import GROUP
+from tests.faults.tally import Tally
 from tests.workers import Worker
+
+TallyFactory = Callable[[str, str, str], Tally]
 
 
 async def publish_load(store: StreamStore, sessions: int, per_session: int) -> list[Message]:
@@ -65,13 +67,12 @@ async def wait_for_count(settings: Settings, expected: int, timeout: float = 60.
         await history.close()
 
 
-def assert_exactly_once(published: list[Message], rows: dict[str, list[Message]]) -> None:
+def assert_exactly_once(
+    published: list[Message], rows: dict[str, list[Message]], counts: Tally | None = None
+) -> None:
+    """Every published message stored once, in stream-id order per session, unchanged."""
     stored = [m for session_rows in rows.values() for m in session_rows]
-    counts = Counter(m.id for m in stored)
-    lost = {m.id for m in published} - set(counts)
-    duplicated = [mid for mid, n in counts.items() if n > 1]
-    unexpected = set(counts) - {m.id for m in published}
-    assert (len(lost), len(duplicated), len(unexpected)) == (0, 0, 0)
+    (counts or Tally("", "", "")).count(published, stored).assert_exactly_once()
     by_id = {m.id: m for m in published}
     for session_rows in rows.values():
         stream_ids = [m.stream_id for m in session_rows]
@@ -121,24 +122,36 @@ async def test_poison_entry_is_dead_lettered_and_does_not_block(
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_point", ["after_read", "after_commit"])
 async def test_sigkill_at_crash_point_then_restart_loses_and_duplicates_nothing(
-    store: StreamStore, settings: Settings, tmp_path: Path, crash_point: str
+    store: StreamStore, settings: Settings, tmp_path: Path, crash_point: str, tally: TallyFactory
 ) -> None:
+    counts = tally(
+        f"persister killed {crash_point.replace('_', ' ')}",
+        "SIGKILL, restart with the same consumer name",
+        f"crash point {crash_point}",
+    )
     published = await publish_load(store, sessions=10, per_session=100)
     crashing = Worker(settings, tmp_path, "w1", crash_point=crash_point)
     assert crashing.wait_exit() == -signal.SIGKILL, crashing.log()
     assert f"crash point {crash_point} reached" in crashing.log()
+    started = time.monotonic()
     restarted = Worker(settings, tmp_path, "w1")  # same name: re-reads its own pending entries
     restarted.wait_ready()
     assert await wait_for_count(settings, len(published)) == len(published)
+    counts.recovery_s = round(time.monotonic() - started, 2)
     assert restarted.terminate() == 0, restarted.log()
     rows = await history_rows(settings, {m.session_id for m in published})
-    assert_exactly_once(published, rows)
+    assert_exactly_once(published, rows, counts)
 
 
 @pytest.mark.slow
 async def test_sigkill_during_claim_then_another_worker_finishes(
-    store: StreamStore, settings: Settings, tmp_path: Path
+    store: StreamStore, settings: Settings, tmp_path: Path, tally: TallyFactory
 ) -> None:
+    counts = tally(
+        "persister killed during a claim",
+        "SIGKILL of the claimer; a third worker claims",
+        "crash point during_claim",
+    )
     published = await publish_load(store, sessions=10, per_session=100)
     first = Worker(settings, tmp_path, "w1", crash_point="after_read")
     assert first.wait_exit() == -signal.SIGKILL
@@ -146,18 +159,21 @@ async def test_sigkill_during_claim_then_another_worker_finishes(
     claimer = Worker(settings, tmp_path, "w2", crash_point="during_claim", claim_idle=0.2)
     assert claimer.wait_exit() == -signal.SIGKILL, claimer.log()
     assert "crash point during_claim reached" in claimer.log()
+    started = time.monotonic()
     survivor = Worker(settings, tmp_path, "w3", claim_idle=0.2)
     survivor.wait_ready()
     assert await wait_for_count(settings, len(published)) == len(published)
+    counts.recovery_s = round(time.monotonic() - started, 2)
     assert survivor.terminate() == 0
     rows = await history_rows(settings, {m.session_id for m in published})
-    assert_exactly_once(published, rows)
+    assert_exactly_once(published, rows, counts)
 
 
 @pytest.mark.slow
 async def test_four_racing_workers_write_one_row_per_message(
-    store: StreamStore, settings: Settings, tmp_path: Path
+    store: StreamStore, settings: Settings, tmp_path: Path, tally: TallyFactory
 ) -> None:
+    counts = tally("4 racing persisters", "4 worker processes on one group", "processes")
     workers = [Worker(settings, tmp_path, f"r{i}", claim_idle=1.0) for i in range(4)]
     for worker in workers:
         worker.wait_ready()
@@ -167,12 +183,13 @@ async def test_four_racing_workers_write_one_row_per_message(
     for worker in workers:
         assert worker.terminate() == 0, worker.log()
     rows = await history_rows(settings, {m.session_id for m in published})
-    assert_exactly_once(published, rows)
+    assert_exactly_once(published, rows, counts)
 
 
 async def test_group_deleted_mid_run_recovers_without_duplicates(
-    store: StreamStore, raw: redis.asyncio.Redis
+    store: StreamStore, raw: redis.asyncio.Redis, tally: TallyFactory
 ) -> None:
+    counts = tally("consumer group deleted", "XGROUP DESTROY on every feed", "XGROUP DESTROY")
     settings = PersisterSettings(consumer="c1", batch_size=50, claim_interval=0.1)
     persister = Persister(store, settings)
     published: list[Message] = []
@@ -187,13 +204,16 @@ async def test_group_deleted_mid_run_recovers_without_duplicates(
                 await anyio.sleep(0.05)
         persister.stop()
     rows = await history_rows(store.settings, {m.session_id for m in published})
-    assert_exactly_once(published, rows)
+    assert_exactly_once(published, rows, counts)
 
 
 @pytest.mark.slow
 async def test_server_killed_and_restarted_with_aof_loses_nothing(
-    tmp_path: Path, key_prefix: str
+    tmp_path: Path, key_prefix: str, tally: TallyFactory
 ) -> None:
+    counts = tally(
+        "server killed", "SIGKILL, restart (appendfsync always)", "kill -9 of valkey-server"
+    )
     server = EmbeddedServer(data_dir=tmp_path / "valkey", appendfsync="always")
     server.start()
     try:
@@ -222,7 +242,8 @@ async def test_server_killed_and_restarted_with_aof_loses_nothing(
                         await anyio.sleep(0.05)
                 persister.stop()
             rows = await history_rows(settings, {m.session_id for m in published})
-            assert_exactly_once(published, rows)
+            counts.notes["persister errors"] = persister.stats.errors
+            assert_exactly_once(published, rows, counts)
             assert persister.stats.errors >= 1
     finally:
         server.stop()

@@ -53,8 +53,9 @@ class Tally:
         return self
 
     def assert_exactly_once(self) -> None:
-        """lost = duplicated = unexpected = 0, then record the row."""
-        record(self)
+        """lost = duplicated = unexpected = 0; a named scenario's row is recorded first."""
+        if self.scenario:
+            record(self)
         assert (self.lost, self.duplicated, self.unexpected) == (0, 0, 0), asdict(self)
 
 
