@@ -22,6 +22,7 @@ from redis.typing import EncodableT, FieldT
 from streamstore.codec import FeedEntry, decode_feed_entry
 from streamstore.config import PersisterSettings
 from streamstore.errors import (
+    BackpressureError,
     ConnectionLostError,
     CorruptEntryError,
     HistoryCorruptError,
@@ -65,6 +66,7 @@ class PersisterStats:
     claimed: int = 0
     batches: int = 0
     errors: int = 0
+    data_losses: int = 0
     last_batch: int = 0
     commit_seconds: float = 0.0
 
@@ -108,6 +110,7 @@ class Persister:
         self._crash_point = os.environ.get(CRASH_POINT_ENV)
         self._failures: dict[bytes, tuple[float, int]] = {}  # entry id -> (first, count)
         self._last_success = 0.0
+        self._epoch: bytes | str | None = None
         self.stats = PersisterStats()
 
     @property
@@ -186,7 +189,9 @@ class Persister:
     # -- consumer-group steps ---------------------------------------------------------------
 
     async def _ensure_groups(self) -> None:
-        """Create the group on every feed at ``0`` (never ``$``: that would skip the backlog)."""
+        """Create the group on every feed at ``0`` (never ``$``: that would skip the backlog),
+        after checking that the server still holds the dataset this persister started on."""
+        await self._check_epoch()
         for feed in self._keys.feeds():
             try:
                 with translate_redis_errors():
@@ -194,6 +199,50 @@ class Persister:
             except ServerError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+            except BackpressureError:  # out of memory: fine if the group is already there
+                with translate_redis_errors():
+                    groups = await self._client.xinfo_groups(feed)
+                if not any(g["name"] == GROUP.encode() for g in groups):
+                    raise
+
+    async def _check_epoch(self) -> None:
+        """Detect a server that lost its data (restarted without persistence, or flushed).
+
+        The deployment hash carries a random epoch, set once. A persister remembers the epoch
+        it started with; finding another one (or none) later means every message the server
+        had acknowledged and nobody had persisted yet is gone. That cannot be undone, but it
+        must not pass silently: it is logged, counted, and recorded in the deployment hash
+        (``data_lost_at``) where ``stats()`` and ``streamstore check`` report it.
+        """
+        with translate_redis_errors():
+            epoch = await self._client.hget(self._keys.deployment, "epoch")
+        if epoch is None:  # a new deployment, or a server that lost everything
+            try:
+                with translate_redis_errors():
+                    await self._client.hsetnx(
+                        self._keys.deployment, "epoch", os.urandom(8).hex()
+                    )
+            except BackpressureError:
+                return  # out of memory: check again at the next recovery
+            with translate_redis_errors():
+                epoch = await self._client.hget(self._keys.deployment, "epoch")
+        if self._epoch is None:
+            self._epoch = epoch
+            return
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch
+        self.stats.data_losses += 1
+        log.error(
+            "persister %s: the Redis server lost its data (restarted without persistence or "
+            "flushed): messages it acknowledged that were not yet persisted are lost",
+            self._consumer,
+        )
+        with translate_redis_errors():
+            await self._client.hset(
+                self._keys.deployment,
+                mapping={"data_lost_at": repr(time.time()), "partitions": self._keys.partitions},
+            )
 
     async def _read(self, start: str, *, block_ms: int | None) -> list[Raw]:
         """XREADGROUP on every feed: ``>`` for new entries, ``0`` for our own pending ones."""

@@ -31,7 +31,7 @@ __all__ = ["SessionReader"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_END = StreamId(2**63, 0)
+_END = StreamId(2**63 - 1, 2**63 - 1)
 """Above every real stream id: the floor of a session that lives only in history."""
 
 PAGE = 500

@@ -42,6 +42,8 @@ class DeploymentStats:
     dead_letters: int
     max_lag: int
     partitions: list[PartitionStats] = field(default_factory=list)
+    data_lost_at: float | None = None
+    """When a persister found that the server had lost its data (None: never)."""
 
     @property
     def backlog(self) -> int:

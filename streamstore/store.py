@@ -345,9 +345,10 @@ class StreamStore:
                 reply = await self._publish_once(session_id, drafts)
                 break
             except BackpressureError:
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise
-                await anyio.sleep(delay)
+                await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
         out = []
         for (message, _), stream_id in zip(drafts, reply[::2], strict=True):
@@ -430,16 +431,17 @@ class StreamStore:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.info("memory")
                 pipe.xlen(self.keys.dead_letters)
+                pipe.hget(self.keys.deployment, "data_lost_at")
                 for p in range(self.keys.partitions):
                     pipe.zcard(self.keys.index(p))
                     pipe.xinfo_stream(self.keys.feed(p))
                     pipe.xinfo_groups(self.keys.feed(p))
                 replies = await pipe.execute(raise_on_error=False)
-        memory, dead = replies[0], replies[1]
+        memory, dead, lost = replies[0], replies[1], replies[2]
         partitions = []
         live = 0
         for p in range(self.keys.partitions):
-            cardinality, stream, groups = replies[2 + 3 * p : 5 + 3 * p]
+            cardinality, stream, groups = replies[3 + 3 * p : 6 + 3 * p]
             live += cardinality
             partitions.append(_partition_stats(p, stream, groups))
         return DeploymentStats(
@@ -451,6 +453,7 @@ class StreamStore:
             dead_letters=int(dead) if isinstance(dead, int) else 0,
             max_lag=self.settings.max_lag,
             partitions=partitions,
+            data_lost_at=float(lost) if isinstance(lost, bytes) else None,
         )
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:

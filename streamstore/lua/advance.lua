@@ -11,6 +11,8 @@
 -- KEYS: 1 feed, 2 deferred marks hash
 -- ARGV: 1 group, 2 now (ms), 3 hot tail (ms), 4 meta key prefix, 5 stream key prefix,
 --       then (session id, watermark stream id, feed id) per session
+-- Under maxmemory the writes that grow memory may be refused: they use pcall, and a refused
+-- watermark is simply raised by a later call (a stale watermark only delays trimming).
 -- Returns the safe point, or false when the group does not exist (nothing is trimmed).
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -22,6 +24,9 @@ local function less(a, b)
   return am < bm or (am == bm and as < bs)
 end
 
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return false
+end
 local safe = nil
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
@@ -40,8 +45,13 @@ end
 if not safe then
   return false
 end
+-- Trim the feed first: it frees memory and needs none.
+redis.call('XTRIM', KEYS[1], 'MINID', safe)
 
 local cut = string.format('%d-0', math.max(0, tonumber(ARGV[2]) - tonumber(ARGV[3])))
+local function refused(reply)
+  return type(reply) == 'table' and reply['err'] ~= nil
+end
 local function apply(session, mark)
   local meta, stream = ARGV[4] .. session, ARGV[5] .. session
   if redis.call('EXISTS', meta) == 0 then
@@ -49,8 +59,10 @@ local function apply(session, mark)
   end
   local persisted = redis.call('HGET', meta, 'persisted')
   if not persisted or less(persisted, mark) then
+    if refused(redis.pcall('HSET', meta, 'persisted', mark)) then
+      return
+    end
     persisted = mark
-    redis.call('HSET', meta, 'persisted', mark)
   end
   local floor = persisted
   if less(cut, floor) then
@@ -58,8 +70,11 @@ local function apply(session, mark)
   end
   local old = redis.call('HGET', meta, 'floor')
   if not old or less(old, floor) then
-    redis.call('XTRIM', stream, 'MINID', floor)
-    redis.call('HSET', meta, 'floor', floor)
+    -- The floor is recorded before the trim: a reader must never see entries missing above
+    -- the floor it reads.
+    if not refused(redis.pcall('HSET', meta, 'floor', floor)) then
+      redis.call('XTRIM', stream, 'MINID', floor)
+    end
   end
 end
 
@@ -70,7 +85,7 @@ for i = 6, #ARGV, 3 do
   else
     local held = redis.call('HGET', KEYS[2], session)
     if not held or less(string.match(held, '^(%S+)'), mark) then
-      redis.call('HSET', KEYS[2], session, mark .. ' ' .. feed_id)
+      redis.pcall('HSET', KEYS[2], session, mark .. ' ' .. feed_id)
     end
   end
 end
@@ -82,5 +97,4 @@ for i = 1, #deferred, 2 do
     redis.call('HDEL', KEYS[2], deferred[i])
   end
 end
-redis.call('XTRIM', KEYS[1], 'MINID', safe)
 return safe
