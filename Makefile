@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check streamstore tests
 	$(BIN)/ruff format --check streamstore tests
 	$(BIN)/mypy
+
+reliability: $(STAMP)
+	$(BIN)/python scripts/reliability_report.py
 
 bench: $(STAMP)
 	$(BIN)/streamstore bench
