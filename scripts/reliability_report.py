@@ -29,9 +29,13 @@ that raised). Recovery is the time from the end of the fault to the last message
 This file is written by `scripts/reliability_report.py` (`make reliability`) from one run:
 {when}, Python {python}, {machine}; pytest exit code {code}.
 
-| scenario | fault | injected by | server | acked | persisted | lost | dup | unexp | recovery s | notes |
-|---|---|---|---|---:|---:|---:|---:|---:|---:|---|
+{table_header}
 """
+
+TABLE = (
+    "| scenario | fault | injected by | server | acked | persisted | lost | dup | unexp "
+    "| recovery s | notes |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"
+)
 
 FOOTER = """
 Expected non-zero figures: *server restarted empty* loses exactly the acknowledged messages
@@ -49,7 +53,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.jsonl"
         env = dict(os.environ, STREAMSTORE_RELIABILITY_OUT=str(out))
-        code = subprocess.call(
+        code = subprocess.call(  # noqa: S603 (our own interpreter and test paths)
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, *sys.argv[1:]],
             cwd=ROOT,
             env=env,
@@ -61,6 +65,7 @@ def main() -> int:
             python=platform.python_version(),
             machine=f"{os.cpu_count()} cores, {platform.machine()}",
             code=code,
+            table_header=TABLE,
         )
     ]
     for row in sorted(rows, key=lambda r: (r["scenario"], r["server"])):
