@@ -16,6 +16,7 @@ import orjson
 import redis.exceptions
 from redis.asyncio import Redis
 
+from streamstore.coalescer import ScriptCoalescer
 from streamstore.codec import decode_session_meta, encode_message, encode_metadata, encode_session
 from streamstore.config import Settings
 from streamstore.connection import ServerInfo, check_server, connect
@@ -76,6 +77,7 @@ class StreamStore:
         self._client = client
         self._history = history
         self._scripts = Scripts.register(client)
+        self._publisher = ScriptCoalescer(client, self._scripts.publish)
         self._reader = SessionReader(client, self._scripts, history, self.keys, settings)
 
     @classmethod
@@ -367,8 +369,8 @@ class StreamStore:
             args.extend((message.id, payload))
         try:
             with translate_redis_errors():
-                reply: list[bytes] = await self._scripts.publish(
-                    keys=[
+                reply: list[bytes] = await self._publisher.call(
+                    [
                         keys.meta,
                         keys.stream,
                         keys.feed,
@@ -376,7 +378,7 @@ class StreamStore:
                         self.keys.dedup(keys.partition, bucket),
                         self.keys.dedup(keys.partition, bucket - 1),
                     ],
-                    args=args,
+                    args,
                 )
         except Exception as exc:
             _raise_script_error(exc, session_id)
