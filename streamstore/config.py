@@ -67,6 +67,8 @@ class Settings:
         max_block: how long ``publish`` waits for lag to fall (or memory to free) before it
             raises BackpressureError; 0 fails at once.
         embedded_dir: data directory of the embedded server (default: beside the SQLite file).
+        max_connections: connections a store may open (each live subscriber holds one; all
+            publishes together use two); past it, a call fails with ConnectionLostError.
         tls_ca_file: CA bundle that signs the server certificate (``rediss://``; default: the
             system store). Certificates and host names are always verified.
         tls_cert_file: client certificate, for servers that require one.
@@ -88,6 +90,7 @@ class Settings:
     max_lag: int = 100_000
     max_block: Duration = 5.0
     embedded_dir: str | None = None
+    max_connections: int = 1000
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -108,6 +111,7 @@ class Settings:
         _positive_int("partitions", self.partitions)
         _positive_int("max_message_bytes", self.max_message_bytes)
         _positive_int("max_lag", self.max_lag)
+        _positive_int("max_connections", self.max_connections)
         if not _PREFIX.fullmatch(self.key_prefix):
             raise ConfigurationError("key_prefix must be 1-32 of A-Z a-z 0-9 _ . -")
         if self.dedup_window_s < 0.001:

@@ -50,7 +50,15 @@ redis.call('XTRIM', KEYS[1], 'MINID', safe)
 
 local cut = string.format('%d-0', math.max(0, tonumber(ARGV[2]) - tonumber(ARGV[3])))
 local function refused(reply)
-  return type(reply) == 'table' and reply['err'] ~= nil
+  -- true when the server is out of memory; any other error (a missing ACL permission, a
+  -- wrong key type) still fails the script loudly
+  if type(reply) == 'table' and reply['err'] ~= nil then
+    if string.sub(reply['err'], 1, 3) == 'OOM' then
+      return true
+    end
+    error(reply)
+  end
+  return false
 end
 local function apply(session, mark)
   local meta, stream = ARGV[4] .. session, ARGV[5] .. session
@@ -85,7 +93,7 @@ for i = 6, #ARGV, 3 do
   else
     local held = redis.call('HGET', KEYS[2], session)
     if not held or less(string.match(held, '^(%S+)'), mark) then
-      redis.pcall('HSET', KEYS[2], session, mark .. ' ' .. feed_id)
+      refused(redis.pcall('HSET', KEYS[2], session, mark .. ' ' .. feed_id))
     end
   end
 end

@@ -1,0 +1,49 @@
+"""The client streamstore builds: hiredis packing gives redis-py's bytes, restarts are retried."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from redis.asyncio.connection import Connection
+
+from streamstore import Settings, StreamStore
+from streamstore.connection import _TCPConnection
+from streamstore.embedded import EmbeddedServer
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("GET", "k"),
+        ("SCRIPT LOAD", "return 1"),
+        ("EVALSHA", "a" * 40, 2, "k1", b"k2", 17, 1.5, "é", b"\x00\xff"),
+        ("XADD", "s", "*", "d", b"x" * 1000),
+    ],
+)
+def test_hiredis_packing_matches_redis_py(command: tuple[object, ...]) -> None:
+    ours = b"".join(_TCPConnection().pack_command(*command))
+    theirs = b"".join(Connection().pack_command(*command))
+    assert ours == theirs
+    both = [command, command]
+    assert b"".join(_TCPConnection().pack_commands(both)) == b"".join(
+        Connection().pack_commands(both)
+    )
+
+
+async def test_calls_after_a_server_restart_are_retried_on_a_new_connection(
+    tmp_path: Path, key_prefix: str
+) -> None:
+    server = EmbeddedServer(data_dir=tmp_path / "valkey", appendfsync="always")
+    server.start()
+    try:
+        settings = Settings(redis_url=server.url, history_url="memory://", key_prefix=key_prefix)
+        async with StreamStore.open(settings=settings) as store:
+            session = await store.create_session(["a"])
+            await store.publish(session.id, sender="a", content="before")
+            server.kill()
+            server.restart()
+            after = await store.publish(session.id, sender="a", content="after")  # no error
+            assert [m.id async for m in store.replay(session.id)][-1] == after.id
+    finally:
+        server.stop()
