@@ -219,9 +219,7 @@ class Persister:
         if epoch is None:  # a new deployment, or a server that lost everything
             try:
                 with translate_redis_errors():
-                    await self._client.hsetnx(
-                        self._keys.deployment, "epoch", os.urandom(8).hex()
-                    )
+                    await self._client.hsetnx(self._keys.deployment, "epoch", os.urandom(8).hex())
             except BackpressureError:
                 return  # out of memory: check again at the next recovery
             with translate_redis_errors():
