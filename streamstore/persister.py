@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,10 +98,20 @@ class Persister:
         settings: PersisterSettings | None = None,
         *,
         history: HistoryStore | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
+        """
+        Args:
+            store: the deployment to persist (its client, keys and history store).
+            settings: consumer name, batch size, claim timing (default: from the environment).
+            history: write here instead of ``store.history_store`` (tests, migrations).
+            on_batch: called after each commit with the batch's entry count and its commit
+                seconds (metrics).
+        """
         self._store = store
         self._client = store.client
         self._history = history if history is not None else store.history_store
+        self._on_batch = on_batch
         self._keys = store.keys
         self._scripts = Scripts.register(store.client)
         self._partition_of = {feed: p for p, feed in enumerate(self._keys.feeds())}
@@ -344,7 +355,10 @@ class Persister:
                 started = time.perf_counter()
                 new = await self._history.write_batch(batch.messages, batch.sessions)
                 self._last_success = time.monotonic()
-                self.stats.commit_seconds += time.perf_counter() - started
+                seconds = time.perf_counter() - started
+                self.stats.commit_seconds += seconds
+                if self._on_batch is not None:
+                    self._on_batch(len(entries), seconds)
                 self._maybe_crash("after_commit")
                 await self._acknowledge(batch)
         except (HistoryUnavailableError, HistoryCorruptError):

@@ -60,13 +60,22 @@ class Sweeper:
         settings: SweeperSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        on_sweep: Callable[[SweepReport], None] | None = None,
     ) -> None:
+        """
+        Args:
+            store: the deployment to sweep.
+            settings: retention and timing (default: from the environment).
+            clock: the time source of ``sweep_once()`` without ``now`` (tests inject one).
+            on_sweep: called with the report of each completed sweep (metrics).
+        """
         self._store = store
         self._client = store.client
         self._keys = store.keys
         self._settings = settings if settings is not None else SweeperSettings.from_env()
         self._scripts = Scripts.register(store.client)
         self._clock = clock
+        self._on_sweep = on_sweep
         self._stopping = False
         self._wake: anyio.Event | None = None
 
@@ -117,7 +126,10 @@ class Sweeper:
             max_messages_per_session=self._settings.max_messages_per_session,
             max_sessions=self._settings.max_sessions,
         )
-        return SweepReport(closed, retired, result.messages, result.sessions, reaped)
+        report = SweepReport(closed, retired, result.messages, result.sessions, reaped)
+        if self._on_sweep is not None:
+            self._on_sweep(report)
+        return report
 
     async def _close_idle(self, partition: int, now: float) -> int:
         with translate_redis_errors():
