@@ -55,11 +55,17 @@ class StreamId(NamedTuple):
         """
         if isinstance(value, StreamId):
             return value
-        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-        ms, sep, seq = text.partition("-")
-        if not ms.isdigit() or (sep and not seq.isdigit()):
-            raise ValidationError(f"not a stream id: {text[:40]!r}")
-        return cls(int(ms), int(seq) if sep else 0)
+        if isinstance(value, bytes):  # the hot path: ids read from Redis
+            raw_ms, raw_sep, raw_seq = value.partition(b"-")
+            if raw_ms.isdigit() and (not raw_sep or raw_seq.isdigit()):
+                return cls(int(raw_ms), int(raw_seq) if raw_sep else 0)
+            text = value.decode("ascii", "replace")
+        else:
+            text = value
+            ms, sep, seq = text.partition("-")
+            if text.isascii() and ms.isdigit() and (not sep or seq.isdigit()):
+                return cls(int(ms), int(seq) if sep else 0)
+        raise ValidationError(f"not a stream id: {text[:40]!r}")
 
     def next(self) -> StreamId:
         """The smallest id strictly after this one."""

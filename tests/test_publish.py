@@ -195,5 +195,6 @@ async def test_bad_session_ids_are_refused(
 def test_stream_id_order_and_text() -> None:
     assert StreamId.parse("5-1") < StreamId.parse("5-2") < StreamId.parse("6-0")
     assert str(StreamId.parse("17")) == "17-0"
-    with pytest.raises(ValidationError):
-        StreamId.parse("x-1")
+    for bad in ("x-1", "1-", "-1", b"1-x", "1.5-2", "\u0663-1", ""):
+        with pytest.raises(ValidationError):
+            StreamId.parse(bad)
