@@ -10,7 +10,11 @@ hurts all of them alike; the best round of each is reported, with the median bes
 * raw-schema: executemany into SQLiteHistory's own schema (its two unique indexes), with no
   Python work: the floor SQLite itself sets for this layout;
 * history:    SQLiteHistory.write_batch from Message objects (thread hop, encoding, grouping,
-  duplicate accounting, catalog updates).
+  duplicate accounting, deleted-session guard, catalog and message_ages updates).
+
+``--retention`` then fills one more file and times enforce_retention: by age (half of it), per
+session cap (half of the rest), catalog cap (half of the sessions, closed), with how long each
+of its chunk transactions held the writer.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from streamstore.history import sqlite as sqlite_history
 from streamstore.history.sqlite import _SCHEMA, SQLiteHistory
-from streamstore.models import Message, StreamId, new_message_id
+from streamstore.models import Message, Session, SessionState, StreamId, new_message_id
 
 _COLUMNS = (
     "session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata, timestamp"
@@ -105,6 +110,58 @@ def history(path: Path, batches: list[list[Message]]) -> float:
     return asyncio.run(main())
 
 
+def retention(path: Path, batches: list[list[Message]], sessions: int) -> None:
+    """Time each retention pass and each of its chunk transactions (the writer's hold)."""
+    held: list[float] = []
+
+    def timed(function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                held.append(time.perf_counter() - started)
+
+        return run
+
+    for name in ("_expire_ranges_sync", "_delete_oldest_sync", "_remove_sessions_sync"):
+        setattr(sqlite_history, name, timed(getattr(sqlite_history, name)))
+    timestamps = sorted(m.timestamp for batch in batches for m in batch)
+    per_session = len(timestamps) // sessions
+
+    async def main() -> None:
+        store = SQLiteHistory(path)
+        await store.open()
+        try:
+            for batch in batches:
+                await store.write_batch(batch)
+            ended = [
+                Session(id=f"session-{i:04d}", state=SessionState.CLOSED)
+                for i in range(0, sessions, 2)
+            ]
+            await store.write_batch([], ended)
+            passes: list[tuple[str, dict[str, Any]]] = [
+                ("age", {"older_than": timestamps[len(timestamps) // 2]}),
+                ("per-session", {"max_messages_per_session": per_session // 4}),
+                ("sessions", {"max_sessions": sessions - len(ended)}),
+            ]
+            for name, limits in passes:
+                held.clear()
+                started = time.perf_counter()
+                result = await store.enforce_retention(**limits)
+                elapsed = time.perf_counter() - started
+                print(
+                    f"  {name:<11} {result.messages:>7,} messages, {result.sessions:>3} sessions "
+                    f"in {elapsed:5.2f} s ({result.messages / elapsed:>9,.0f} rows/s); "
+                    f"{len(held)} transactions, median {statistics.median(held) * 1000:.1f} ms, "
+                    f"longest {max(held) * 1000:.1f} ms"
+                )
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
@@ -112,6 +169,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
+    parser.add_argument("--retention", action="store_true", help="then time enforce_retention")
     args = parser.parse_args()
 
     batches = make_batches(args.messages, args.batch, args.sessions)
@@ -142,6 +200,10 @@ def main() -> None:
         ratio = best[name] / best["raw-plain"]
         print(f"  {name:<11} {best[name]:>9,.0f} rows/s ({median:>9,.0f})  {ratio:5.2f}x raw-plain")
     print(f"  history / raw-schema: {best['history'] / best['raw-schema']:.2f}x")
+    if args.retention:
+        print(f"retention, chunks of {sqlite_history._RETENTION_CHUNK} messages:")
+        with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+            retention(Path(directory) / "retention.db", batches, args.sessions)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,16 @@ from typing import Any
 import anyio
 import pytest
 
-from streamstore.errors import ConfigurationError, HistoryCorruptError, HistoryError
-from streamstore.history import HistoryStore, history_from_url
+from streamstore.errors import (
+    ConfigurationError,
+    HistoryCorruptError,
+    HistoryError,
+    ValidationError,
+)
+from streamstore.history import HistoryStore, RetentionResult, history_from_url
+from streamstore.history import sqlite as sqlite_module
 from streamstore.history.memory import MemoryHistory
-from streamstore.history.sqlite import SQLiteHistory
+from streamstore.history.sqlite import SCHEMA_VERSION, SQLiteHistory
 from streamstore.models import Message, Session, SessionState, StreamId, new_message_id
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -224,13 +230,13 @@ async def test_snapshots_never_move_state_backwards(store: HistoryStore) -> None
 
     await store.write_batch([], [Session(id="s", state=SessionState.DELETED)])
     for stale in (created, closed):
-        await store.write_batch([message("s", 20, timestamp=8.0)], [stale])
+        assert await store.write_batch([message("s", 20, timestamp=8.0)], [stale]) == 0
         session = await store.get_session("s")
         assert session is not None
         assert session.state == SessionState.DELETED
-    assert session.message_count == 2
-    assert session.last_stream_id == StreamId(20, 0)
-    assert session.last_active_at == 8.0
+    assert session.message_count == 0
+    assert session.last_stream_id == StreamId(10, 0)  # the furthest it got, kept
+    assert session.last_active_at == 7.0  # skipped messages are no activity
 
 
 async def test_messages_before_their_snapshot(store: HistoryStore) -> None:
@@ -323,6 +329,193 @@ async def test_count_messages(store: HistoryStore) -> None:
     assert await store.count_messages("c") == 0
 
 
+async def assert_counts_exact(store: HistoryStore) -> None:
+    """Every catalog count is what the session holds, and they add up to the total."""
+    total = 0
+    for session in await store.list_sessions(limit=1000):
+        held = len(await store.read(session.id, limit=1000))
+        assert session.message_count == held == await store.count_messages(session.id)
+        total += held
+    assert await store.count_messages() == total
+
+
+async def test_a_deleted_session_loses_its_messages_and_takes_no_more(store: HistoryStore) -> None:
+    s = [message("s", 100 + i, id=f"s{i}") for i in range(5)]
+    t = [message("t", 100 + i, id=f"t{i}") for i in range(3)]
+    assert await store.write_batch(s + t) == 8
+    deleted = Session(id="s", participants=("a",), state=SessionState.DELETED)
+    # The snapshot goes first: messages of its session in the same batch are skipped too.
+    same_batch = [message("s", 200, id="s200"), s[0], message("t", 200, id="t200"), t[0]]
+    assert await store.write_batch(same_batch, [deleted]) == 1  # t200 only
+
+    session = await store.get_session("s")
+    assert session is not None
+    assert (session.state, session.message_count) == (SessionState.DELETED, 0)
+    assert session.last_stream_id == StreamId(104, 0)  # the furthest it got is kept; not 200
+    assert await store.read("s") == []
+    assert await store.count_messages("s") == 0
+    assert positions(await store.read("t")) == [(100, 0), (101, 0), (102, 0), (200, 0)]
+
+    redeliveries: list[tuple[list[Message], list[Session]]] = [
+        (s, []),  # the originals, redelivered
+        (same_batch, [deleted]),  # the whole batch again
+        ([message("s", 300)], [Session(id="s", last_active_at=99.0)]),  # a stale snapshot
+    ]
+    for batch, snapshots in redeliveries:
+        assert await store.write_batch(batch, snapshots) == 0
+    # A partly new batch takes the exact-count path; the deleted session is skipped there too.
+    assert await store.write_batch([t[1], message("t", 300), message("s", 400)]) == 1
+    # A session first seen deleted keeps none of the messages that came with the news.
+    gone = Session(id="fresh", state=SessionState.DELETED)
+    assert await store.write_batch([message("fresh", 1), message("fresh", 2)], [gone]) == 0
+
+    session = await store.get_session("s")
+    assert session is not None
+    assert (session.state, session.message_count) == (SessionState.DELETED, 0)
+    assert session.last_stream_id == StreamId(104, 0)
+    fresh = await store.get_session("fresh")
+    assert fresh is not None
+    assert (fresh.state, fresh.message_count, fresh.last_stream_id) == (
+        SessionState.DELETED,
+        0,
+        None,
+    )
+    assert await store.count_messages() == await store.count_messages("t") == 5
+    await assert_counts_exact(store)
+
+
+async def test_retention_by_age(store: HistoryStore) -> None:
+    a = [message("a", ms, timestamp=float(ms)) for ms in range(1, 11)]
+    late = message("a", 11, timestamp=2.5)  # timestamps need not follow stream ids
+    b = [message("b", ms, timestamp=ms + 0.5) for ms in range(1, 4)]
+    await store.write_batch([*a, late, *b], [Session(id="b", state=SessionState.CLOSED)])
+
+    result = await store.enforce_retention(older_than=4.0)
+    assert result == RetentionResult(messages=7, sessions=0)  # a: 1, 2, 3 and late; b: all
+    assert await store.enforce_retention(older_than=4.0) == RetentionResult()
+    assert await store.enforce_retention() == RetentionResult()
+
+    assert positions(await store.read("a")) == [(ms, 0) for ms in range(4, 11)]  # 4.0 stays
+    assert await store.read("b") == []
+    for session_id, count, last in (("a", 7, StreamId(11, 0)), ("b", 0, StreamId(3, 0))):
+        session = await store.get_session(session_id)
+        assert session is not None  # age never removes a session
+        assert (session.message_count, session.last_stream_id) == (count, last)
+    assert positions(await store.read("a", after=StreamId(2, 0), limit=3)) == [
+        (4, 0),
+        (5, 0),
+        (6, 0),
+    ]
+    assert positions(await store.read("a", before=StreamId(5, 0))) == [(4, 0)]
+    assert positions(await store.read("a", newest_first=True, limit=2)) == [(10, 0), (9, 0)]
+    await assert_counts_exact(store)
+
+
+async def test_retention_caps_each_session_by_stream_id(store: HistoryStore) -> None:
+    # Newer positions carry older timestamps: the cap goes by stream id alone.
+    a = [message("a", ms, seq, timestamp=100.0 - ms) for ms in range(1, 5) for seq in range(3)]
+    shuffled = a[:]
+    random.Random(3).shuffle(shuffled)
+    for start in range(0, len(shuffled), 5):
+        await store.write_batch(shuffled[start : start + 5])
+    b = [message("b", ms) for ms in range(1, 6)]
+    await store.write_batch([*b, message("c", 1), message("c", 2)])
+
+    result = await store.enforce_retention(max_messages_per_session=5)
+    assert result == RetentionResult(messages=7, sessions=0)
+    assert await store.enforce_retention(max_messages_per_session=5) == RetentionResult()
+    assert await store.read("a", limit=100) == a[-5:]  # (3, 1) onwards
+    assert await store.read("b") == b  # exactly at the cap
+    assert len(await store.read("c")) == 2
+    assert positions(await store.read("a", limit=2)) == [(3, 1), (3, 2)]
+    assert positions(await store.read("a", before=StreamId(4, 0), newest_first=True)) == [
+        (3, 2),
+        (3, 1),
+    ]
+    assert positions(await store.read("a", after=StreamId(1, 0), limit=1)) == [(3, 1)]
+    await assert_counts_exact(store)
+
+    assert await store.enforce_retention(max_messages_per_session=0) == RetentionResult(12, 0)
+    assert await store.count_messages() == 0
+    assert [s.message_count for s in await store.list_sessions()] == [0, 0, 0]
+
+
+async def test_retention_caps_the_catalog_with_ended_sessions_only(store: HistoryStore) -> None:
+    # (id, state, last activity, messages); message timestamps stay below the activity.
+    catalog = [
+        ("a1", SessionState.ACTIVE, 1.0, 2),  # the least recently active, but active: kept
+        ("a2", SessionState.ACTIVE, 2.0, 1),
+        ("cb", SessionState.CLOSED, 3.0, 3),
+        ("ca", SessionState.CLOSED, 3.0, 2),  # same activity: the id decides
+        ("d1", SessionState.DELETED, 4.0, 4),  # its messages went with the snapshot
+        ("c2", SessionState.CLOSED, 5.0, 1),
+        ("c3", SessionState.CLOSED, 7.0, 2),
+    ]
+    for session_id, state, active_at, count in catalog:
+        await store.write_batch([message(session_id, ms) for ms in range(1, count + 1)])
+        await store.write_batch([], [Session(id=session_id, last_active_at=active_at, state=state)])
+
+    assert await store.enforce_retention(max_sessions=6) == RetentionResult(2, 1)  # ca
+    assert await store.enforce_retention(max_sessions=4) == RetentionResult(3, 2)  # cb, d1
+    assert await store.enforce_retention(max_sessions=4) == RetentionResult()
+    assert [s.id for s in await store.list_sessions()] == ["a1", "a2", "c2", "c3"]
+    assert await store.get_session("ca") is None
+    assert await store.read("cb") == []
+    assert await store.count_messages("cb") == 0
+    await assert_counts_exact(store)
+
+    # More active sessions than the cap: every ended one goes, the active ones stay.
+    assert await store.enforce_retention(max_sessions=1) == RetentionResult(3, 2)
+    assert await store.enforce_retention(max_sessions=1) == RetentionResult()
+    assert await store.enforce_retention(max_sessions=0) == RetentionResult()
+    assert [s.id for s in await store.list_sessions()] == ["a1", "a2"]
+    assert await store.count_messages() == 3
+    await assert_counts_exact(store)
+
+
+async def test_retention_all_at_once(store: HistoryStore) -> None:
+    await store.write_batch(
+        [message("live", ms, timestamp=float(ms)) for ms in range(1, 21)]
+        + [message("ended", ms, timestamp=float(ms)) for ms in range(1, 6)]
+        + [message("old", ms, timestamp=float(ms)) for ms in range(1, 4)],
+        [
+            Session(id="ended", state=SessionState.CLOSED, last_active_at=1.0),
+            Session(id="old", state=SessionState.CLOSED, last_active_at=50.0),
+        ],
+    )
+    limits: dict[str, Any] = {"older_than": 5.0, "max_messages_per_session": 10, "max_sessions": 2}
+    # ended goes whole (5); live loses 1-4 by age, then 5-10 to the cap; old loses all by age.
+    assert await store.enforce_retention(**limits) == RetentionResult(messages=18, sessions=1)
+    assert await store.enforce_retention(**limits) == RetentionResult()
+    assert positions(await store.read("live", limit=100)) == [(ms, 0) for ms in range(11, 21)]
+    assert positions(await store.read("live", after=StreamId(15, 0), limit=2)) == [
+        (16, 0),
+        (17, 0),
+    ]
+    assert [s.id for s in await store.list_sessions()] == ["live", "old"]
+    await assert_counts_exact(store)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"older_than": True},
+        {"older_than": "10"},
+        {"older_than": float("nan")},
+        {"max_messages_per_session": -1},
+        {"max_messages_per_session": 2.5},
+        {"max_sessions": -1},
+        {"max_sessions": False},
+    ],
+    ids=repr,
+)
+async def test_retention_refuses_bad_limits(store: HistoryStore, limits: dict[str, Any]) -> None:
+    await store.write_batch([message("s", 1)], [Session(id="s", state=SessionState.CLOSED)])
+    with pytest.raises(ValidationError):
+        await store.enforce_retention(**limits)
+    assert await store.count_messages() == 1
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -372,6 +565,8 @@ async def test_closed_store_refuses_calls(store: HistoryStore) -> None:
         lambda: store.get_session("s"),
         store.list_sessions,
         store.count_messages,
+        store.enforce_retention,
+        lambda: store.enforce_retention(older_than=1.0, max_sessions=0),
     ]
     for call in calls:
         with pytest.raises(HistoryError, match="not open"):
@@ -470,7 +665,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     async with opened(sqlite_url(db)) as store:
         await store.write_batch([message("s", 1)])
     with contextlib.closing(sqlite3.connect(db)) as connection:
-        connection.execute("PRAGMA user_version = 2")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         connection.commit()
     with pytest.raises(HistoryCorruptError, match="newer"):
         await SQLiteHistory(db).open()
@@ -492,8 +687,264 @@ async def test_an_empty_file_is_initialised(tmp_path: Path) -> None:
     db.touch()
     async with opened(sqlite_url(db)) as store:
         assert await store.write_batch([message("s", 1)]) == 1
-        assert store._pragma("user_version") == 1
+        assert store._pragma("user_version") == SCHEMA_VERSION == 2
         assert store._pragma("journal_mode") == "wal"
+
+
+# Version 1's schema, frozen as streamstore wrote it: the starting point of the migration tests.
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE sessions (
+        id              TEXT PRIMARY KEY NOT NULL,
+        participants    TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        last_active_at  REAL NOT NULL,
+        ttl             REAL,
+        metadata        TEXT NOT NULL,
+        state           TEXT NOT NULL CHECK (state IN ('active', 'closed', 'deleted')),
+        message_count   INTEGER NOT NULL DEFAULT 0,
+        last_stream_ms  INTEGER,
+        last_stream_seq INTEGER
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE messages (
+        pk          INTEGER PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        stream_ms   INTEGER NOT NULL,
+        stream_seq  INTEGER NOT NULL,
+        message_id  TEXT NOT NULL,
+        sender      TEXT NOT NULL,
+        recipient   TEXT,
+        content     TEXT NOT NULL,
+        metadata    TEXT,
+        timestamp   REAL NOT NULL
+    )
+    """,
+    "CREATE UNIQUE INDEX messages_by_position ON messages (session_id, stream_ms, stream_seq)",
+    "CREATE UNIQUE INDEX messages_by_id ON messages (message_id, session_id)",
+)
+
+
+def write_version_1_file(db: Path, *, extra: str | None = None) -> None:
+    """What version 1 left behind: ``kept`` (active, 3 messages) and ``gone``, deleted after
+    its 2 messages were stored (version 1 kept them)."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("BEGIN IMMEDIATE")
+        for statement in (*_SCHEMA_V1, *([extra] if extra else [])):
+            connection.execute(statement)
+        connection.execute("PRAGMA application_id = 1936943153")  # 0x73736831
+        connection.execute("PRAGMA user_version = 1")
+        connection.executemany(
+            "INSERT INTO sessions VALUES (?, '[]', 1.0, ?, NULL, '{}', ?, ?, ?, 0)",
+            [("kept", 3.0, "active", 3, 3), ("gone", 2.0, "deleted", 2, 2)],
+        )
+        connection.executemany(
+            "INSERT INTO messages (session_id, stream_ms, stream_seq, message_id, sender,"
+            " recipient, content, metadata, timestamp)"
+            " VALUES (?, ?, 0, ?, 'a', NULL, 'x', NULL, ?)",
+            [("kept", ms, f"k{ms}", float(ms)) for ms in (1, 2, 3)]
+            + [("gone", ms, f"g{ms}", float(ms)) for ms in (1, 2)],
+        )
+        connection.execute("COMMIT")
+
+
+def normalized_schema(db: Path) -> list[tuple[str, str, str]]:
+    return [(kind, name, " ".join(str(sql).split())) for kind, name, sql in schema_of(db)]
+
+
+def test_the_frozen_version_1_schema_is_the_one_migrated_from() -> None:
+    def words(statements: tuple[str, ...]) -> list[str]:
+        return [" ".join(statement.split()) for statement in statements]
+
+    assert words(_SCHEMA_V1) == words(sqlite_module._SCHEMA_V1)
+
+
+async def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
+    old, new = tmp_path / "v1.db", tmp_path / "new.db"
+    write_version_1_file(old)
+    async with opened(sqlite_url(new)):
+        pass
+    async with opened(sqlite_url(old)) as store:
+        assert store._pragma("user_version") == SCHEMA_VERSION == 2
+        assert normalized_schema(old) == normalized_schema(new)
+        assert [m.id for m in await store.read("kept")] == ["k1", "k2", "k3"]
+        gone = await store.get_session("gone")
+        assert gone is not None
+        # Deleted stays deleted, for what version 1 kept too.
+        assert (gone.state, gone.message_count, gone.last_stream_id) == (
+            SessionState.DELETED,
+            0,
+            StreamId(2, 0),
+        )
+        assert await store.count_messages() == 3
+        assert await store.write_batch([message("gone", 5), message("kept", 5, timestamp=5.0)]) == 1
+        assert uncovered_messages(old) == 0
+        assert await store.enforce_retention(older_than=2.5) == RetentionResult(2, 0)
+        assert await store.enforce_retention(max_sessions=1) == RetentionResult(0, 1)
+        assert [s.id for s in await store.list_sessions()] == ["kept"]
+    async with opened(sqlite_url(old)) as store:  # opened again: nothing left to migrate
+        assert positions(await store.read("kept")) == [(3, 0), (5, 0)]
+        assert await store.count_messages() == 2
+
+
+async def test_a_failed_migration_leaves_version_1_behind(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    # A table where the migration's third object goes: it fails half way through.
+    write_version_1_file(db, extra="CREATE TABLE sessions_by_activity (x)")
+    before = schema_of(db)
+    store = SQLiteHistory(db)
+    with pytest.raises(HistoryError, match="already"):
+        await store.open()
+    with pytest.raises(HistoryError, match="not open"):
+        await store.count_messages()
+    assert schema_of(db) == before
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (1,)
+        assert connection.execute("SELECT COUNT(*) FROM messages").fetchone() == (5,)
+        connection.execute("DROP TABLE sessions_by_activity")
+        connection.commit()
+    async with opened(sqlite_url(db)) as store:
+        assert store._pragma("user_version") == 2
+        assert await store.count_messages() == 3
+
+
+def test_retention_queries_use_indexes(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        for statement in sqlite_module._SCHEMA:
+            connection.execute(statement)
+        expected = {
+            sqlite_module._AGED_RANGES: "INDEX message_ages_by_oldest",
+            sqlite_module._OLDER_IN_RANGE: "INTEGER PRIMARY KEY (rowid>? AND rowid<?)",
+            sqlite_module._OLDEST_IN_RANGE: "INTEGER PRIMARY KEY (rowid>? AND rowid<?)",
+            sqlite_module._DELETE_OLDEST: "COVERING INDEX messages_by_position",
+            sqlite_module._LEAST_RECENTLY_ENDED: "INDEX sessions_by_activity",
+            sqlite_module._DELETED_AMONG.format("?, ?"): "PRIMARY KEY",
+        }
+        for sql, index in expected.items():
+            plan = connection.execute(f"EXPLAIN QUERY PLAN {sql}", [1] * sql.count("?"))
+            details = " | ".join(row[3] for row in plan)
+            assert index in details, (sql, details)
+            assert "SCAN messages" not in details
+
+
+def uncovered_messages(db: Path) -> int:
+    """Messages outside every message_ages range whose oldest is at most their timestamp."""
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        (count,) = connection.execute(
+            """SELECT COUNT(*) FROM messages WHERE NOT EXISTS (
+                SELECT 1 FROM message_ages WHERE pk BETWEEN first_pk AND last_pk
+                AND oldest <= timestamp)"""
+        ).fetchone()
+    return int(count)
+
+
+async def test_age_retention_is_exact_whatever_order_messages_came_in(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db)) as store:
+        store._retention_chunk = 4
+        await store.write_batch([message("a", ms, timestamp=100.0 + ms) for ms in range(10)])
+        await store.write_batch([message("b", ms, timestamp=200.0) for ms in range(5)])
+        # Deleting b frees the highest pks: c's messages get them again (ranges overlap).
+        await store.write_batch([], [Session(id="b", state=SessionState.DELETED)])
+        await store.write_batch([message("c", ms, timestamp=50.0) for ms in range(5)])
+        late = [message("d", 1, timestamp=300.0), message("d", 2, timestamp=5.0)]
+        await store.write_batch([*late, message("d", 3, timestamp=301.0)])
+        # Partly redelivered: the exact-count path notes its range too.
+        await store.write_batch([late[1], message("d", 4, timestamp=6.0)])
+        assert uncovered_messages(db) == 0
+
+        result = await store.enforce_retention(older_than=105.0)
+        assert result == RetentionResult(messages=5 + 5 + 2, sessions=0)
+        assert await store.enforce_retention(older_than=105.0) == RetentionResult()
+        assert positions(await store.read("a")) == [(ms, 0) for ms in range(5, 10)]
+        assert await store.read("c") == []
+        assert positions(await store.read("d")) == [(1, 0), (3, 0)]
+        assert uncovered_messages(db) == 0
+        await assert_counts_exact(store)
+
+        assert await store.enforce_retention(older_than=1e9) == RetentionResult(7, 0)
+        with contextlib.closing(sqlite3.connect(db)) as connection:
+            assert connection.execute("SELECT COUNT(*) FROM message_ages").fetchone() == (0,)
+
+
+async def test_retention_runs_in_short_transactions_between_writes(tmp_path: Path) -> None:
+    async with opened(sqlite_url(tmp_path / "h.db")) as store:
+        store._retention_chunk = 3
+        await store.write_batch(
+            [message("aged", ms, timestamp=float(ms)) for ms in range(1, 21)]
+            + [message("long", ms, timestamp=100.0 + ms) for ms in range(1, 31)]
+            + [message("ended", ms, timestamp=100.0 + ms) for ms in range(1, 11)],
+            [Session(id="ended", state=SessionState.CLOSED, last_active_at=1.0)],
+        )
+        transactions: list[list[str]] = []
+
+        def trace(sql: str) -> None:
+            if sql.startswith("BEGIN"):
+                transactions.append([])
+            elif transactions:
+                transactions[-1].append(sql)
+
+        assert store._writer is not None
+        store._writer.set_trace_callback(trace)
+        done = anyio.Event()
+        written: list[int] = []
+
+        async def keep_writing() -> None:  # new sessions, so that no limit applies to them
+            while not done.is_set():
+                busy = f"busy-{len(written)}"
+                batch = [message(busy, 1, timestamp=1e9), message(busy, 2, timestamp=1e9)]
+                written.append(await store.write_batch(batch))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_writing)
+            result = await store.enforce_retention(
+                older_than=21.0, max_messages_per_session=10, max_sessions=2
+            )
+            done.set()
+        store._writer.set_trace_callback(None)
+
+        # ended (10) whole, aged (20) by age, long (30) down to 10.
+        assert result == RetentionResult(messages=50, sessions=1)
+        kinds = [
+            "write" if any("INSERT OR IGNORE INTO messages" in s for s in statements) else "trim"
+            for statements in transactions
+            if any("INSERT" in s or "DELETE FROM messages" in s for s in statements)
+        ]
+        trims = [i for i, kind in enumerate(kinds) if kind == "trim"]
+        assert len(trims) >= 50 // 3  # at most 3 messages per transaction
+        assert "write" in kinds[trims[0] : trims[-1]]  # the writer got in between
+        assert sum(written) == 2 * len(written)
+        assert await store.count_messages() == 10 + sum(written)
+        await assert_counts_exact(store)
+
+
+async def test_concurrent_catalog_caps_stop_exactly_at_the_cap(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "h.db")
+    async with opened(url) as one, opened(url) as two:  # two writers: SQLite's lock decides
+        ended = [f"e{i:02d}" for i in range(30)]
+        await one.write_batch(
+            [message(session_id, ms) for session_id in ended for ms in (1, 2, 3)],
+            [
+                Session(id=session_id, state=SessionState.CLOSED, last_active_at=float(i))
+                for i, session_id in enumerate(ended)
+            ],
+        )
+        results: list[RetentionResult] = []
+
+        async def cap(store: SQLiteHistory) -> None:
+            store._retention_chunk = 2  # sessions of 3 messages take two transactions
+            results.append(await store.enforce_retention(max_sessions=10))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cap, one)
+            tg.start_soon(cap, two)
+        assert sum(result.sessions for result in results) == 20
+        assert sum(result.messages for result in results) == 60
+        assert [s.id for s in await two.list_sessions()] == ended[20:]
+        await assert_counts_exact(one)
 
 
 async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, Final
 
 import anyio.lowlevel
 import orjson
 
-from streamstore.errors import HistoryError
+from streamstore.errors import HistoryError, ValidationError
+from streamstore.history import RetentionResult
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["MemoryHistory"]
@@ -43,6 +45,23 @@ class _SessionLog:
         self.messages.insert(index, (message, metadata))
         self.ids.add(message.id)
         return True
+
+    def drop_oldest(self, count: int) -> int:
+        """Forget the ``count`` messages first in stream-id order; how many there were."""
+        dropped = self.messages[:count]
+        del self.positions[:count], self.messages[:count]
+        self.ids.difference_update(message.id for message, _ in dropped)
+        return len(dropped)
+
+    def drop_older_than(self, older_than: float) -> int:
+        """Forget the messages with a timestamp below ``older_than``; how many there were."""
+        keep = [not message.timestamp < older_than for message, _ in self.messages]
+        dropped = keep.count(False)
+        if dropped:
+            self.positions = [p for p, kept in zip(self.positions, keep, strict=True) if kept]
+            self.messages = [m for m, kept in zip(self.messages, keep, strict=True) if kept]
+            self.ids = {message.id for message, _ in self.messages}
+        return dropped
 
 
 class MemoryHistory:
@@ -76,7 +95,8 @@ class MemoryHistory:
     ) -> int:
         """Store a batch atomically and return how many messages were new.
 
-        See :meth:`streamstore.history.HistoryStore.write_batch`.
+        See :meth:`streamstore.history.HistoryStore.write_batch`. A deleted session keeps its
+        last stream id (the furthest it got) with a count of 0.
 
         Raises:
             HistoryError: not open, or a message has no stream id or cannot be encoded;
@@ -89,11 +109,16 @@ class MemoryHistory:
         encoded = [_freeze_message(message) for message in messages]
         for session, (participants, session_metadata) in snapshots:
             self._upsert_snapshot(session, participants, session_metadata)
+            if session.state == SessionState.DELETED:
+                self._purge(session.id)
         by_session: dict[str, list[tuple[Message, bytes | None]]] = {}
         for message, metadata in encoded:
             by_session.setdefault(message.session_id, []).append((message, metadata))
         inserted = 0
         for session_id in sorted(by_session):
+            entry = self._sessions.get(session_id)
+            if entry is not None and entry[0].state == SessionState.DELETED:
+                continue  # deleted stays deleted
             group = by_session[session_id]
             self._ensure_session(session_id, min(m.timestamp for m, _ in group))
             log = self._logs.setdefault(session_id, _SessionLog())
@@ -175,6 +200,48 @@ class MemoryHistory:
         log = self._logs.get(session_id)
         return 0 if log is None else len(log.positions)
 
+    async def enforce_retention(
+        self,
+        *,
+        older_than: float | None = None,
+        max_messages_per_session: int | None = None,
+        max_sessions: int | None = None,
+    ) -> RetentionResult:
+        """Delete what the retention policy no longer keeps and say how much; idempotent.
+
+        See :meth:`streamstore.history.HistoryStore.enforce_retention`; the same passes, in the
+        same order, as the SQLite store's, done at once.
+
+        Raises:
+            ValidationError: a limit is negative or not a number.
+            HistoryError: not open.
+        """
+        await anyio.lowlevel.checkpoint()
+        _check_retention_limits(older_than, max_messages_per_session, max_sessions)
+        self._require_open()
+        messages = sessions = 0
+        if max_sessions is not None:
+            ended = sorted(
+                (session.last_active_at, session.id)
+                for session, _ in self._sessions.values()
+                if session.state != SessionState.ACTIVE
+            )
+            for _, session_id in ended[: max(0, len(self._sessions) - max_sessions)]:
+                messages += self._purge(session_id)
+                del self._sessions[session_id]
+                del self._session_ids[bisect.bisect_left(self._session_ids, session_id)]
+                sessions += 1
+        for session_id, log in list(self._logs.items()):
+            dropped = 0
+            if older_than is not None:
+                dropped += log.drop_older_than(float(older_than))
+            if max_messages_per_session is not None:
+                dropped += log.drop_oldest(max(0, len(log.positions) - max_messages_per_session))
+            if dropped:
+                messages += dropped
+                self._forget(session_id, dropped)
+        return RetentionResult(messages=messages, sessions=sessions)
+
     # -- catalog rules, the same as the SQLite store's ----------------------------------------
 
     def _require_open(self) -> None:
@@ -214,6 +281,30 @@ class MemoryHistory:
             )
         self._store_session(session, metadata)
 
+    def _purge(self, session_id: str) -> int:
+        """Forget every message of a session and zero its count (its last stream id stays:
+        the furthest the session got); how many there were."""
+        log = self._logs.pop(session_id, None)
+        dropped = 0 if log is None else len(log.positions)
+        self._total -= dropped
+        entry = self._sessions.get(session_id)
+        if entry is not None and entry[0].message_count:
+            session, metadata = entry
+            self._sessions[session_id] = (dataclasses.replace(session, message_count=0), metadata)
+        return dropped
+
+    def _forget(self, session_id: str, dropped: int) -> None:
+        """Count ``dropped`` messages of a session out of the catalog and the total."""
+        self._total -= dropped
+        entry = self._sessions.get(session_id)
+        if entry is not None:
+            session, metadata = entry
+            count = session.message_count - dropped
+            self._sessions[session_id] = (
+                dataclasses.replace(session, message_count=count),
+                metadata,
+            )
+
     def _ensure_session(self, session_id: str, created_at: float) -> None:
         if session_id not in self._sessions:
             self._store_session(Session(id=session_id, created_at=float(created_at)), b"{}")
@@ -230,6 +321,25 @@ class MemoryHistory:
             last_stream_id=last,
         )
         self._sessions[session_id] = (session, metadata)
+
+
+def _check_retention_limits(
+    older_than: float | None, max_messages_per_session: int | None, max_sessions: int | None
+) -> None:
+    if older_than is not None and (
+        isinstance(older_than, bool)
+        or not isinstance(older_than, int | float)
+        or math.isnan(older_than)
+    ):
+        raise ValidationError("older_than must be a timestamp in seconds")
+    for name, value in (
+        ("max_messages_per_session", max_messages_per_session),
+        ("max_sessions", max_sessions),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValidationError(f"{name} must be a whole number")
+        if value is not None and value < 0:
+            raise ValidationError(f"{name} must be 0 or more, got {value}")
 
 
 def _freeze_message(message: Message) -> tuple[Message, bytes | None]:

@@ -6,8 +6,10 @@ one-slot limiter (SQLite allows one writer anyway), reads on a second connection
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import math
 import operator
 import os
 import sqlite3
@@ -25,19 +27,28 @@ from streamstore.errors import (
     HistoryCorruptError,
     HistoryError,
     HistoryUnavailableError,
+    ValidationError,
 )
+from streamstore.history import RetentionResult
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["SCHEMA_VERSION", "SQLiteHistory"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """Stored in ``PRAGMA user_version``; a file with a higher number was written by a newer
-streamstore and is refused rather than misread."""
+streamstore and is refused rather than misread, one with a lower number is migrated by open()."""
 
 _APPLICATION_ID: Final = 0x73736831  # "ssh1" in ``PRAGMA application_id``: this is our file
 _MAX_INT64: Final = 2**63 - 1
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 _DEFAULT_BUSY_TIMEOUT: Final = 30.0
+# Retention deletes at most this many messages per transaction, so the writer slot (and the
+# file's write lock, for other processes) is never held for long: 5-20 ms each in
+# tests/history_bench.py --retention.
+_RETENTION_CHUNK: Final = 1000
+_CATALOG_PAGE: Final = 1000  # catalog rows read per call while looking for what to trim
+_AGE_RANGE: Final = 1000  # messages per message_ages row, at most
+_MAX_PARAMETERS: Final = 500  # bound parameters per IN (...) list; SQLite allows 999 or more
 
 # Messages get an ascending INTEGER PRIMARY KEY (each insert appends to the table's last page)
 # and two unique indexes. The position index serves every read and takes one insertion point
@@ -47,7 +58,7 @@ _DEFAULT_BUSY_TIMEOUT: Final = 30.0
 # WITHOUT ROWID tables clustered on the position (~2.5x slower: whole rows land mid-page) or on
 # the id (no faster, and random client ids would scatter whole rows) lost too. See
 # tests/history_bench.py.
-_SCHEMA: Final = (
+_SCHEMA_V1: Final = (
     """
     CREATE TABLE sessions (
         id              TEXT PRIMARY KEY NOT NULL,
@@ -79,7 +90,42 @@ _SCHEMA: Final = (
     "CREATE UNIQUE INDEX messages_by_position ON messages (session_id, stream_ms, stream_seq)",
     "CREATE UNIQUE INDEX messages_by_id ON messages (message_id, session_id)",
 )
-_TABLES: Final = frozenset({"sessions", "messages"})
+# Version 2, for retention. Age without an index on timestamp (one more B-tree insert per
+# message): pks ascend and timestamps mostly do, so each batch notes its pk range and the
+# oldest timestamp in it, one row per up to _AGE_RANGE messages. A retention pass visits only
+# ranges holding something old enough, scans them by pk (neighbouring pages) and writes back
+# their new oldest timestamp, or drops the range once it is empty. A range's "oldest" is a
+# lower bound (other deletions leave it alone), and ranges may overlap when pks are reused
+# after the newest messages were deleted: every message stays inside a range whose oldest
+# is at most its timestamp, which is all the pass needs to be exact.
+# Catalog cap: a partial index holds only ended sessions, so batches of active ones never
+# touch it; it orders them by activity (the id rides along: sessions has no rowid).
+_RETENTION_SCHEMA: Final = (
+    """
+    CREATE TABLE message_ages (
+        first_pk    INTEGER PRIMARY KEY,
+        last_pk     INTEGER NOT NULL,
+        oldest      REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX message_ages_by_oldest ON message_ages (oldest)",
+    "CREATE INDEX sessions_by_activity ON sessions (last_active_at) WHERE state != 'active'",
+)
+_SCHEMA: Final = _SCHEMA_V1 + _RETENTION_SCHEMA
+_MIGRATIONS: Final = {
+    2: (
+        *_RETENTION_SCHEMA,
+        # Version 1 kept the messages of deleted sessions; version 2 never stores them.
+        """DELETE FROM messages
+            WHERE session_id IN (SELECT id FROM sessions WHERE state = 'deleted')""",
+        "UPDATE sessions SET message_count = 0 WHERE state = 'deleted' AND message_count != 0",
+        f"""INSERT INTO message_ages (first_pk, last_pk, oldest)
+            SELECT MIN(pk), MAX(pk), MIN(timestamp) FROM messages GROUP BY pk / {_AGE_RANGE}""",  # noqa: S608 - a constant
+    ),
+}
+"""What takes a file from the version before the key to the key's version."""
+_TABLES_V1: Final = frozenset({"sessions", "messages"})
+_TABLES: Final = _TABLES_V1 | {"message_ages"}
 
 # A snapshot replaces what the publisher owns (participants, metadata, ttl, created_at) but
 # never moves the state back (active < closed < deleted) nor activity back in time; the
@@ -109,7 +155,8 @@ _STORED_ID_AT: Final = """
     SELECT message_id FROM messages WHERE session_id = ? AND stream_ms = ? AND stream_seq = ?
 """
 # Counts what a batch added to each session, creating a minimal entry (active, no participants)
-# for a session whose snapshot has not arrived (yet).
+# for a session whose snapshot has not arrived (yet); a deleted session is left alone (no
+# change: the fast path sees it in total_changes).
 _COUNT_INTO_SESSION: Final = """
     INSERT INTO sessions (
         id, participants, created_at, last_active_at, ttl, metadata, state, message_count,
@@ -128,7 +175,49 @@ _COUNT_INTO_SESSION: Final = """
                 OR (last_stream_ms, last_stream_seq)
                     < (excluded.last_stream_ms, excluded.last_stream_seq)
             THEN excluded.last_stream_seq ELSE last_stream_seq END
+    WHERE state != 'deleted'
 """
+# Deleted stays deleted: a deleted snapshot empties its session, and no message of a deleted
+# session is stored again. The last stream id stays: the furthest the session got.
+_PURGE_MESSAGES: Final = "DELETE FROM messages WHERE session_id = ?"
+_ZERO_COUNT: Final = "UPDATE sessions SET message_count = 0 WHERE id = ?"
+_DELETED_AMONG: Final = "SELECT id FROM sessions WHERE state = 'deleted' AND id IN ({})"
+
+_LAST_PK: Final = "SELECT last_insert_rowid()"
+_RECORD_AGES: Final = """
+    INSERT INTO message_ages (first_pk, last_pk, oldest) VALUES (?, ?, ?)
+    ON CONFLICT (first_pk) DO UPDATE SET
+        last_pk = MAX(last_pk, excluded.last_pk),
+        oldest = MIN(oldest, excluded.oldest)
+"""
+
+# Retention, one bounded chunk per transaction; every decrement is the rows just deleted.
+_AGED_RANGES: Final = "SELECT first_pk FROM message_ages WHERE oldest < ? ORDER BY oldest LIMIT ?"
+_RANGE_END: Final = "SELECT last_pk FROM message_ages WHERE first_pk = ?"
+_OLDER_IN_RANGE: Final = (
+    "SELECT pk, session_id FROM messages WHERE pk BETWEEN ? AND ? AND timestamp < ? LIMIT ?"
+)
+_OLDEST_IN_RANGE: Final = "SELECT MIN(timestamp) FROM messages WHERE pk BETWEEN ? AND ?"
+_SET_OLDEST: Final = "UPDATE message_ages SET oldest = ? WHERE first_pk = ?"
+_FORGET_RANGE: Final = "DELETE FROM message_ages WHERE first_pk = ?"
+_DELETE_AT: Final = "DELETE FROM messages WHERE pk = ?"
+_DECREMENT_COUNT: Final = "UPDATE sessions SET message_count = message_count - ? WHERE id = ?"
+_COUNT_OF: Final = "SELECT message_count FROM sessions WHERE id = ?"
+_DELETE_OLDEST: Final = """
+    DELETE FROM messages WHERE pk IN (
+        SELECT pk FROM messages WHERE session_id = ? ORDER BY stream_ms, stream_seq LIMIT ?
+    )
+"""
+_CATALOG_PAGE_AFTER: Final = (
+    "SELECT id, message_count FROM sessions WHERE id > ? ORDER BY id LIMIT ?"
+)
+_COUNT_SESSIONS: Final = "SELECT COUNT(*) FROM sessions"  # O(sessions): ~30 ms per million
+_LEAST_RECENTLY_ENDED: Final = (
+    "SELECT id FROM sessions WHERE state != 'active' ORDER BY last_active_at, id LIMIT ?"
+)
+_STATE_OF: Final = "SELECT state FROM sessions WHERE id = ?"
+_DELETE_SESSION: Final = "DELETE FROM sessions WHERE id = ?"
+
 _MESSAGE_COLUMNS: Final = (
     "session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata, timestamp"
 )
@@ -194,6 +283,7 @@ class SQLiteHistory:
         self._write_slot: anyio.CapacityLimiter | None = None
         self._read_slot: anyio.CapacityLimiter | None = None
         self._threads: anyio.CapacityLimiter | None = None
+        self._retention_chunk = _RETENTION_CHUNK  # tests lower it to see several chunks
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteHistory:
@@ -299,7 +389,8 @@ class SQLiteHistory:
     ) -> int:
         """Store a batch in one transaction and return how many messages were new.
 
-        See :meth:`streamstore.history.HistoryStore.write_batch`.
+        See :meth:`streamstore.history.HistoryStore.write_batch`. A deleted session keeps its
+        last stream id (the furthest it got) with a count of 0.
 
         Raises:
             HistoryError: not open, a message has no stream id, the database is locked for
@@ -369,6 +460,91 @@ class SQLiteHistory:
             sql = "SELECT COUNT(*) FROM messages WHERE session_id = ?"
             rows = await self._run(False, _fetch_all, sql, (session_id,))
         return int(rows[0][0])
+
+    async def enforce_retention(
+        self,
+        *,
+        older_than: float | None = None,
+        max_messages_per_session: int | None = None,
+        max_sessions: int | None = None,
+    ) -> RetentionResult:
+        """Delete what the retention policy no longer keeps and say how much; idempotent.
+
+        See :meth:`streamstore.history.HistoryStore.enforce_retention`. The catalog cap goes
+        first (what it removes needs no other pass), then age, then the per-session cap. Each
+        transaction deletes at most 1000 messages and takes the writer slot anew, so writes
+        interleave; a pass that fails or is cancelled between two of them leaves exact counts
+        behind and the next pass finishes the job. When more sessions are active than
+        ``max_sessions`` allows, every ended session goes and the catalog stays above the cap.
+
+        Raises:
+            ValidationError: a limit is negative or not a number.
+            HistoryError: not open, the database stayed locked for longer than
+                ``busy_timeout``, or SQLite failed; the chunks committed before stay deleted.
+        """
+        _check_retention_limits(older_than, max_messages_per_session, max_sessions)
+        self._connection(write=True)
+        messages = sessions = 0
+        if max_sessions is not None:
+            messages, sessions = await self._remove_sessions_beyond(max_sessions)
+        if older_than is not None:
+            messages += await self._delete_older_than(float(older_than))
+        if max_messages_per_session is not None:
+            messages += await self._cap_sessions(max_messages_per_session)
+        return RetentionResult(messages=messages, sessions=sessions)
+
+    # -- retention ----------------------------------------------------------------------------
+
+    async def _delete_older_than(self, older_than: float) -> int:
+        """Visit the ranges that may hold messages older than ``older_than``; each one left
+        has nothing older (or it is gone), so a range never comes back in the same pass."""
+        deleted = 0
+        while rows := await self._run(False, _fetch_all, _AGED_RANGES, (older_than, _CATALOG_PAGE)):
+            ranges = [first_pk for (first_pk,) in rows]
+            while ranges:
+                went, done = await self._run(
+                    True, _expire_ranges_sync, ranges, older_than, self._retention_chunk
+                )
+                deleted += went
+                del ranges[:done]
+        return deleted
+
+    async def _cap_sessions(self, cap: int) -> int:
+        """Walk the catalog a page at a time (on the reader) and trim the sessions over."""
+        deleted = 0
+        after = ""
+        while page := await self._run(
+            False, _fetch_all, _CATALOG_PAGE_AFTER, (after, _CATALOG_PAGE)
+        ):
+            for session_id, count_then in page:
+                count = count_then
+                while count > cap:
+                    done, count = await self._run(
+                        True, _delete_oldest_sync, session_id, cap, self._retention_chunk
+                    )
+                    deleted += done
+            after = page[-1][0]
+        return deleted
+
+    async def _remove_sessions_beyond(self, cap: int) -> tuple[int, int]:
+        """Remove the least recently active ended sessions until ``cap`` remain, or none do.
+
+        Each round counts the catalog and picks at most that many beyond the cap from one
+        snapshot, so a pass never removes more than the cap allows; when a pick turns out to
+        be gone already (a concurrent pass took it), it looks again.
+        """
+        messages = sessions = 0
+        while ids := await self._run(False, _ended_beyond_sync, cap, _CATALOG_PAGE):
+            while ids:
+                deleted, done, removed = await self._run(
+                    True, _remove_sessions_sync, ids, self._retention_chunk
+                )
+                messages += deleted
+                sessions += removed
+                if removed < done:
+                    break
+                del ids[:done]
+        return messages, sessions
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -452,7 +628,8 @@ def _create_private_file(path: str) -> None:
 
 
 def _check_and_init(connection: sqlite3.Connection, path: str) -> None:
-    """Refuse a file that is not ours or is newer; initialise an empty one; switch to WAL."""
+    """Refuse a file that is not ours or is newer; initialise an empty one or migrate an older
+    one (in one transaction); switch to WAL."""
     # Read the header before writing anything: a foreign or newer file stays untouched.
     app_id, version, tables = _identify(connection)
     if (app_id, version, tables) == (0, 0, frozenset()):
@@ -466,7 +643,7 @@ def _check_and_init(connection: sqlite3.Connection, path: str) -> None:
             f"{path!r} has history schema version {version}, newer than this streamstore "
             f"understands ({SCHEMA_VERSION}); upgrade streamstore"
         )
-    elif version < SCHEMA_VERSION or not tables >= _TABLES:
+    elif version < 1 or not tables >= (_TABLES if version == SCHEMA_VERSION else _TABLES_V1):
         raise HistoryCorruptError(f"{path!r} is a damaged streamstore history (schema missing)")
     mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
@@ -475,11 +652,17 @@ def _check_and_init(connection: sqlite3.Connection, path: str) -> None:
         return
     connection.execute("BEGIN IMMEDIATE")
     try:
-        # Another process may have initialised the file since we looked.
-        if _identify(connection) == (0, 0, frozenset()):
+        # Another process may have initialised or migrated the file since we looked.
+        app_id, version, tables = _identify(connection)
+        if (app_id, version, tables) == (0, 0, frozenset()):
             for statement in _SCHEMA:
                 connection.execute(statement)
             connection.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif app_id == _APPLICATION_ID and 1 <= version < SCHEMA_VERSION:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         connection.execute("COMMIT")
     except BaseException:
@@ -507,8 +690,9 @@ def _write_batch_sync(
     try:
         inserted = _apply_batch(connection, snapshots, rows, session_by_session=False)
         if inserted is None:
-            # Some messages were stored already (a redelivery): start again, counting session
-            # by session. Not a savepoint: one would journal every page the fast path touches.
+            # Some messages were stored already (a redelivery) or belong to a deleted session:
+            # start again, skipping deleted sessions and counting session by session. Not a
+            # savepoint: one would journal every page the fast path touches.
             connection.execute("ROLLBACK")
             connection.execute("BEGIN IMMEDIATE")
             inserted = _apply_batch(connection, snapshots, rows, session_by_session=True)
@@ -527,40 +711,177 @@ def _apply_batch(
     *,
     session_by_session: bool,
 ) -> int | None:
-    """Apply a batch in the open transaction; None when all at once found duplicates.
+    """Apply a batch in the open transaction; None when all at once found duplicates or a
+    deleted session.
 
     total_changes counts the rows actually inserted (OR IGNORE skips are not changes), so
     inserting all at once tells how many were new, and session by session tells it for each
-    session, which the catalog needs when some were not.
+    session, which the catalog needs when some were not. Likewise the catalog update skips a
+    deleted session (no change), so the fast path needs no query to learn there was none; the
+    slow one looks them up and leaves their messages out.
     """
     if snapshots:
         connection.executemany(_UPSERT_SESSION, snapshots)
+        purged = sorted({params[0] for params in snapshots if params[6] == "deleted"})
+        if purged:
+            connection.executemany(_PURGE_MESSAGES, [(session_id,) for session_id in purged])
+            connection.executemany(_ZERO_COUNT, [(session_id,) for session_id in purged])
     if not rows:
         return 0
-    catalog = []
-    inserted = 0
     if not session_by_session:
         changes_before = connection.total_changes
         connection.executemany(_INSERT_MESSAGE, rows)
         if connection.total_changes - changes_before < len(rows):
             return None
         catalog = [_catalog_params(group, group, len(group)) for group in _by_session(rows)]
-        inserted = len(rows)
-    else:
-        for group in _by_session(rows):
-            changes_before = connection.total_changes
-            connection.executemany(_INSERT_MESSAGE, group)
-            new = connection.total_changes - changes_before
-            inserted += new
-            if new == len(group):
-                stored = group
-            elif new == 0:
-                stored = []
-            else:  # advance the catalog only to the messages stored now
-                stored = [row for row in group if _is_stored(connection, row)]
-            catalog.append(_catalog_params(group, stored, new))
+        changes_before = connection.total_changes
+        connection.executemany(_COUNT_INTO_SESSION, catalog)
+        if connection.total_changes - changes_before < len(catalog):
+            return None
+        _record_ages(connection, [row[8] for row in rows])
+        return len(rows)
+    deleted = _deleted_among(connection, [key for key, _ in itertools.groupby(rows, _SESSION_ID)])
+    if deleted:
+        rows = [row for row in rows if row[0] not in deleted]
+    catalog = []
+    inserted = 0
+    oldest = math.inf
+    for group in _by_session(rows):
+        changes_before = connection.total_changes
+        connection.executemany(_INSERT_MESSAGE, group)
+        new = connection.total_changes - changes_before
+        inserted += new
+        if new == len(group):
+            stored = group
+        elif new == 0:
+            stored = []
+        else:  # advance the catalog only to the messages stored now
+            stored = [row for row in group if _is_stored(connection, row)]
+        catalog.append(_catalog_params(group, stored, new))
+        if new:
+            oldest = min(oldest, *(row[8] for row in group))
     connection.executemany(_COUNT_INTO_SESSION, catalog)
+    if inserted:  # which rows the pks went to is not known here: one range, a lower bound
+        _record_ages(connection, [oldest] * inserted)
     return inserted
+
+
+@contextlib.contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+
+
+def _expire_ranges_sync(
+    connection: sqlite3.Connection, ranges: list[int], older_than: float, limit: int
+) -> tuple[int, int]:
+    """Delete the messages older than ``older_than`` in these message_ages ranges, in order,
+    at most ``limit`` of them. Return how many went and how many ranges are done with (their
+    oldest timestamp rewritten, or the range dropped)."""
+    deleted: list[tuple[Any, ...]] = []
+    done = 0
+    with _transaction(connection):
+        for first_pk in ranges:
+            row = connection.execute(_RANGE_END, (first_pk,)).fetchone()
+            if row is not None:
+                budget = limit - len(deleted)
+                params = (first_pk, row[0], older_than, budget)
+                old = connection.execute(_OLDER_IN_RANGE, params).fetchall()
+                connection.executemany(_DELETE_AT, [(pk,) for pk, _ in old])
+                deleted += old
+                if len(old) == budget:  # maybe more left: go on next time
+                    break
+                oldest = connection.execute(_OLDEST_IN_RANGE, (first_pk, row[0])).fetchone()[0]
+                if oldest is None:
+                    connection.execute(_FORGET_RANGE, (first_pk,))
+                else:
+                    connection.execute(_SET_OLDEST, (oldest, first_pk))
+            done += 1
+        per_session = collections.Counter(session_id for _, session_id in deleted)
+        connection.executemany(
+            _DECREMENT_COUNT, [(count, session_id) for session_id, count in per_session.items()]
+        )
+    return len(deleted), done
+
+
+def _delete_oldest_sync(
+    connection: sqlite3.Connection, session_id: str, cap: int, limit: int
+) -> tuple[int, int]:
+    """Delete up to ``limit`` of the oldest messages a session holds beyond ``cap``; return
+    how many went and how many it holds now (exact counts make the excess exact)."""
+    with _transaction(connection):
+        row = connection.execute(_COUNT_OF, (session_id,)).fetchone()
+        count = 0 if row is None else int(row[0])
+        deleted = 0
+        if count > cap:
+            deleted = connection.execute(
+                _DELETE_OLDEST, (session_id, min(count - cap, limit))
+            ).rowcount
+            connection.execute(_DECREMENT_COUNT, (deleted, session_id))
+    return deleted, count - deleted
+
+
+def _ended_beyond_sync(connection: sqlite3.Connection, cap: int, page: int) -> list[str]:
+    """From one snapshot: the least recently active ended sessions beyond ``cap`` sessions in
+    all, at most ``page`` of them."""
+    connection.execute("BEGIN")  # a read transaction: the count and the pick agree
+    try:
+        excess = int(connection.execute(_COUNT_SESSIONS).fetchone()[0]) - cap
+        if excess <= 0:
+            return []
+        rows = connection.execute(_LEAST_RECENTLY_ENDED, (min(excess, page),)).fetchall()
+        return [session_id for (session_id,) in rows]
+    finally:
+        _rollback(connection)
+
+
+def _remove_sessions_sync(
+    connection: sqlite3.Connection, session_ids: list[str], limit: int
+) -> tuple[int, int, int]:
+    """Remove ended sessions, in order, with their messages, deleting at most ``limit``
+    messages. Return how many messages went, how many of the sessions are done with (removed,
+    or found gone or active) and how many were removed."""
+    deleted = done = removed = 0
+    with _transaction(connection):
+        for session_id in session_ids:
+            row = connection.execute(_STATE_OF, (session_id,)).fetchone()
+            if row is None or row[0] == SessionState.ACTIVE:
+                done += 1
+                continue
+            budget = limit - deleted
+            went = connection.execute(_DELETE_OLDEST, (session_id, budget)).rowcount
+            deleted += went
+            if went == budget:  # maybe more left: count these out, go on next time
+                connection.execute(_DECREMENT_COUNT, (went, session_id))
+                break
+            connection.execute(_DELETE_SESSION, (session_id,))
+            done += 1
+            removed += 1
+    return deleted, done, removed
+
+
+def _check_retention_limits(
+    older_than: float | None, max_messages_per_session: int | None, max_sessions: int | None
+) -> None:
+    if older_than is not None and (
+        isinstance(older_than, bool)
+        or not isinstance(older_than, int | float)
+        or math.isnan(older_than)
+    ):
+        raise ValidationError("older_than must be a timestamp in seconds")
+    for name, value in (
+        ("max_messages_per_session", max_messages_per_session),
+        ("max_sessions", max_sessions),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValidationError(f"{name} must be a whole number")
+        if value is not None and value < 0:
+            raise ValidationError(f"{name} must be 0 or more, got {value}")
 
 
 # A message row: (session_id, stream_ms, stream_seq, message_id, sender, recipient, content,
@@ -601,6 +922,33 @@ def _catalog_params(
         return (group[0][0], created_at, 0.0, 0, None, None)
     last = stored[-1]
     return (group[0][0], created_at, max(row[8] for row in stored), new, last[1], last[2])
+
+
+def _record_ages(connection: sqlite3.Connection, timestamps: list[float]) -> None:
+    """Note the messages just inserted in message_ages; ``timestamps`` are theirs, in the
+    order they were inserted, which gave them the consecutive pks up to the last one."""
+    first_pk = int(connection.execute(_LAST_PK).fetchone()[0]) - len(timestamps) + 1
+    connection.executemany(
+        _RECORD_AGES,
+        [
+            (
+                first_pk + start,
+                first_pk + min(start + _AGE_RANGE, len(timestamps)) - 1,
+                min(timestamps[start : start + _AGE_RANGE]),
+            )
+            for start in range(0, len(timestamps), _AGE_RANGE)
+        ],
+    )
+
+
+def _deleted_among(connection: sqlite3.Connection, session_ids: list[str]) -> set[str]:
+    """Which of these sessions the catalog (as the open transaction sees it) has deleted."""
+    deleted: set[str] = set()
+    for start in range(0, len(session_ids), _MAX_PARAMETERS):
+        some = session_ids[start : start + _MAX_PARAMETERS]
+        sql = _DELETED_AMONG.format(", ".join("?" * len(some)))  # placeholders only
+        deleted.update(session_id for (session_id,) in connection.execute(sql, some))
+    return deleted
 
 
 def _is_stored(connection: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
