@@ -1,158 +1,783 @@
-"""The ``streamstore`` command: a thin layer over the public API.
+"""The ``streamstore`` command (also ``python -m streamstore``): a thin layer over the public API.
 
-Exit codes: 0 success, 1 a streamstore error (the message says which), 2 bad usage.
+Exit status: 0 ok, 1 a streamstore error (one line on stderr), 2 bad usage, 3 ``check`` found
+the deployment unhealthy, 130 interrupted, 141 the output pipe was closed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import functools
 import logging
+import os
 import signal
 import sys
-import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import orjson
 
 from streamstore.config import PersisterSettings, Settings, SweeperSettings
 from streamstore.embedded import EmbeddedServer
-from streamstore.errors import StreamStoreError
+from streamstore.errors import (
+    ConnectionLostError,
+    HistoryError,
+    ServerError,
+    StreamStoreError,
+)
+from streamstore.models import Message, Session
 from streamstore.persister import Persister
+from streamstore.stats import DeadLetter, DeploymentStats
 from streamstore.store import StreamStore
 from streamstore.sweeper import Sweeper
+
+if TYPE_CHECKING:
+    from streamstore.metrics import WorkerMetrics
 
 __all__ = ["main"]
 
 log = logging.getLogger("streamstore.cli")
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNHEALTHY: Final = 3
+EXIT_INTERRUPTED: Final = 130
+EXIT_PIPE_CLOSED: Final = 141
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+_EPILOG = """\
+examples:
+  streamstore server --data-dir ./redis-data    # a private server in the foreground; prints URL
+  export STREAMSTORE_REDIS_URL=redis://127.0.0.1:6379/0
+  streamstore worker --consumer worker-1 --metrics-port 9464
+  streamstore sessions create --id support-42 --participant alice --participant bot
+  streamstore publish support-42 --sender alice --recipient bot "where is my parcel?"
+  echo "a longer text" | streamstore publish support-42 --sender alice -
+  streamstore tail support-42 --recipient bot      # live, until Ctrl-C
+  streamstore replay support-42 --after 1718000000000-0 --follow
+  streamstore history support-42 --limit 20 --json
+  streamstore stats
+  streamstore check || echo "needs attention"
+
+Without --redis-url (or $STREAMSTORE_REDIS_URL) a command starts a private embedded server
+whose data lives beside the history file (./streamstore.db-redis). Only one process at a time
+can use it: to run a worker and other commands together, start `streamstore server` and pass
+its URL.
+
+Messages print as `<stream id> <sender> -> <recipient or *>: <content>` (newlines in content
+shown as \\n). With --json every message, session or dead letter is one JSON object per line;
+stats and check print one object.
+
+exit status: 0 ok, 1 a streamstore error (one line on stderr), 2 bad usage,
+3 `check` found the deployment unhealthy, 130 interrupted, 141 output pipe closed.
+"""
+
+_CHECK_EPILOG = """\
+Unhealthy (exit 3): the server cannot be reached or opened, its maxmemory-policy may evict
+keys, the history store fails, or a partition's backlog is at or over the high-water mark
+(max_lag: publishes there block, then fail - is a worker running?).
+Warnings only (exit 0): dead letters (isolated entries that block nothing but need a look:
+`streamstore dead-letters list`), a past loss of the server's data, append-only persistence
+off, CONFIG not readable.
+"""
+
+
+# -- the parser ------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamstore",
         description="A durable, replayable message bus for multi-agent chat on Redis Streams.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--redis-url",
-        help="redis://, rediss:// or unix:// URL (default: $STREAMSTORE_REDIS_URL, else a "
-        "private embedded server)",
+        metavar="URL",
+        help="redis://, rediss:// or unix:// (default: $STREAMSTORE_REDIS_URL, else a private "
+        "embedded server)",
     )
     parser.add_argument(
         "--history-url",
+        metavar="URL",
         help="sqlite:///path.db or memory:// (default: $STREAMSTORE_HISTORY_URL, else "
         "sqlite:///streamstore.db)",
     )
-    parser.add_argument("--key-prefix", help="Redis key prefix (default: ss)")
-    parser.add_argument("--partitions", type=int, help="partition feeds (default: 16)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--key-prefix", metavar="PREFIX", help="Redis key prefix (default: ss)")
+    parser.add_argument(
+        "--partitions",
+        type=_positive_int,
+        metavar="N",
+        help="partition feeds; the same in every process of a deployment (default: 16)",
+    )
+    parser.add_argument(
+        "--json", dest="as_json", action="store_true", help="print data as JSON lines"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="agents chatting, persisted and replayed")
-    demo.add_argument("--sessions", type=int, default=3, help="sessions to run (default: 3)")
+    def command(
+        name: str,
+        summary: str,
+        run: Command | None = None,
+        *,
+        data: bool = False,
+        epilog: str | None = None,
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=_sentence(summary),
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(run=run, service=False)
+        if data:
+            _add_json(sub)
+        return sub
 
-    worker = commands.add_parser("worker", help="run the persister until SIGTERM")
+    demo = command("demo", "agents chatting on a few sessions, persisted and replayed", _demo)
+    demo.add_argument("--sessions", type=_positive_int, default=3, metavar="N", help="default: 3")
+
+    worker = command("worker", "persist and sweep until SIGTERM or Ctrl-C", _worker)
+    worker.set_defaults(service=True)
     worker.add_argument(
-        "--consumer", help="consumer name, unique per worker process (default: host name)"
+        "--consumer",
+        metavar="NAME",
+        help="consumer name, stable across restarts and unique per worker process "
+        "(default: the host name)",
     )
-    worker.add_argument("--batch-size", type=int, help="entries per batch (default: 1000)")
     worker.add_argument(
-        "--claim-idle", type=float, help="seconds before another worker's entry is claimed"
+        "--batch-size", type=_positive_int, metavar="N", help="entries per batch (default: 1000)"
+    )
+    worker.add_argument(
+        "--claim-idle",
+        type=float,
+        metavar="SECONDS",
+        help="take over entries another worker left pending this long (default: 30)",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve /healthz and Prometheus /metrics on this port (0: any free port; default: off)",
+    )
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="default: 127.0.0.1"
     )
 
-    server = commands.add_parser("server", help="run the embedded server in the foreground")
-    server.add_argument("--port", type=int, help="TCP port (default: a free one)")
-    server.add_argument("--data-dir", help="data directory (default: a temporary one)")
+    server = command("server", "run a private embedded server in the foreground", _server)
+    server.set_defaults(service=True)
+    server.add_argument("--port", type=_port, metavar="PORT", help="TCP port (default: a free one)")
+    server.add_argument(
+        "--data-dir", metavar="DIR", help="data directory (default: a temporary one)"
+    )
+
+    publish = command("publish", "publish one message; prints its stream id", _publish, data=True)
+    publish.add_argument("session", metavar="SESSION")
+    publish.add_argument("content", metavar="CONTENT", help="the text, or - to read stdin")
+    publish.add_argument("--sender", required=True, metavar="NAME")
+    publish.add_argument("--recipient", metavar="NAME", help="default: everyone")
+    publish.add_argument(
+        "--id", metavar="ID", help="idempotency key: a retry with it is stored once"
+    )
+    publish.add_argument("--metadata", type=_json_object, metavar="JSON", help="a JSON object")
+
+    tail = command("tail", "print live messages until the session closes", _tail, data=True)
+    tail.add_argument("session", metavar="SESSION")
+    tail.add_argument(
+        "--recipient", metavar="NAME", help="only messages for NAME (or for everyone)"
+    )
+
+    replay = command(
+        "replay", "print a session from history, then Redis, in order", _replay, data=True
+    )
+    replay.add_argument("session", metavar="SESSION")
+    replay.add_argument("--after", metavar="ID", help="start after this stream id")
+    replay.add_argument("--follow", action="store_true", help="then go on with live messages")
+    replay.add_argument(
+        "--recipient", metavar="NAME", help="only messages for NAME (or for everyone)"
+    )
+
+    history = command("history", "print a window of a session's messages", _history, data=True)
+    history.add_argument("session", metavar="SESSION")
+    history.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="default: 50")
+    window = history.add_mutually_exclusive_group()
+    window.add_argument("--before", metavar="ID", help="the last N before this stream id")
+    window.add_argument("--after", metavar="ID", help="the first N after this stream id")
+
+    sessions = command("sessions", "list, show, create, close or delete sessions")
+    action = functools.partial(_action, sessions.add_subparsers(**_ACTIONS))
+    listing = action("list", "sessions ordered by id, live and in history", _sessions_list)
+    listing.add_argument("--after", metavar="ID", help="the page after this session id")
+    listing.add_argument(
+        "--limit", type=_positive_int, default=100, metavar="N", help="default: 100"
+    )
+    action("show", "one session in detail", _sessions_show).add_argument("id", metavar="ID")
+    create = action("create", "create a session; prints its id", _sessions_create)
+    create.add_argument("--id", metavar="ID", help="default: a new time-ordered id")
+    create.add_argument(
+        "--participant",
+        action="append",
+        default=[],
+        dest="participants",
+        metavar="NAME",
+        help="repeat for each participant",
+    )
+    create.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="idle time before it is closed, or 'none' (default: $STREAMSTORE_SESSION_TTL or 3600)",
+    )
+    create.add_argument("--metadata", type=_json_object, metavar="JSON", help="a JSON object")
+    close = action("close", "refuse new messages; keep the session readable", _sessions_close)
+    close.add_argument("id", metavar="ID")
+    delete = action("delete", "delete a session in Redis and in history", _sessions_delete)
+    delete.add_argument("id", metavar="ID")
+
+    command("stats", "feeds, lag, sessions, dead letters and server memory", _stats, data=True)
+    command(
+        "check",
+        "exit 0 if the deployment is healthy, 3 if not",
+        _check,
+        data=True,
+        epilog=_CHECK_EPILOG,
+    )
+
+    dead = command("dead-letters", "list or requeue entries the persister could not store")
+    action = functools.partial(_action, dead.add_subparsers(**_ACTIONS))
+    dead_list = action("list", "the oldest dead letters and their reasons", _dead_letters_list)
+    dead_list.add_argument(
+        "--limit", type=_positive_int, default=100, metavar="N", help="default: 100"
+    )
+    requeue = action(
+        "requeue", "put one back on its feed, once its cause is fixed", _dead_letters_requeue
+    )
+    requeue.add_argument("id", metavar="ID", help="the dead letter's id (from `list`)")
+
+    from streamstore.bench import add_bench_arguments
+
+    bench = command(
+        "bench", "measure streamstore against hand-written redis-py and sqlite3", _bench
+    )
+    add_bench_arguments(bench)
     return parser
 
 
+_ACTIONS: Final[dict[str, Any]] = {"dest": "action", "required": True, "metavar": "ACTION"}
+
+
+def _action(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    run: Command,
+) -> argparse.ArgumentParser:
+    """An action of ``sessions`` or ``dead-letters``; each prints data, so each takes --json."""
+    sub = actions.add_parser(name, help=summary, description=_sentence(summary))
+    sub.set_defaults(run=run)
+    _add_json(sub)
+    return sub
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: without the option here, the global --json keeps its value.
+    parser.add_argument(
+        "--json",
+        dest="as_json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print JSON lines",
+    )
+
+
+def _sentence(summary: str) -> str:
+    return summary[0].upper() + summary[1:] + "."
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return value
+
+
+def _ttl(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected positive seconds or 'none', got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, like \'{"key": "value"}\'')
+    return value
+
+
+# -- shared ----------------------------------------------------------------------------------
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {
+    given = {
         "redis_url": args.redis_url,
         "history_url": args.history_url,
         "key_prefix": args.key_prefix,
         "partitions": args.partitions,
     }
-    return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    return Settings.from_env(**{k: v for k, v in given.items() if v is not None})
+
+
+def _open(args: argparse.Namespace) -> AbstractAsyncContextManager[StreamStore]:
+    return StreamStore.open(settings=_settings(args))
+
+
+def _emit(args: argparse.Namespace, text: str, data: object) -> None:
+    """Print ``data`` as one JSON line with --json, else ``text``; flushed at once."""
+    print(orjson.dumps(data).decode() if args.as_json else text, flush=True)
+
+
+def _message_json(message: Message) -> dict[str, object]:
+    return {
+        "stream_id": str(message.stream_id),
+        "id": message.id,
+        "session_id": message.session_id,
+        "sender": message.sender,
+        "recipient": message.recipient,
+        "content": message.content,
+        "metadata": message.metadata,
+        "timestamp": message.timestamp,
+    }
+
+
+def _message_line(message: Message) -> str:
+    content = message.content.translate({ord("\n"): "\\n", ord("\r"): "\\r"})
+    return f"{message.stream_id} {message.sender} -> {message.recipient or '*'}: {content}"
+
+
+def _print_message(args: argparse.Namespace, message: Message) -> None:
+    _emit(args, _message_line(message), _message_json(message))
+
+
+async def _print_messages(args: argparse.Namespace, messages: AsyncIterator[Message]) -> int:
+    async for message in messages:
+        _print_message(args, message)
+    return EXIT_OK
+
+
+def _session_json(session: Session) -> dict[str, object]:
+    return {
+        "id": session.id,
+        "state": str(session.state),
+        "participants": list(session.participants),
+        "created_at": session.created_at,
+        "last_active_at": session.last_active_at,
+        "ttl": session.ttl,
+        "metadata": session.metadata,
+        "message_count": session.message_count,
+        "last_stream_id": None if session.last_stream_id is None else str(session.last_stream_id),
+    }
+
+
+def _session_line(session: Session) -> str:
+    participants = ",".join(session.participants) or "-"
+    return (
+        f"{session.id} {session.state} messages={session.message_count} "
+        f"last_active={_time(session.last_active_at)} participants={participants}"
+    )
+
+
+def _session_details(session: Session) -> str:
+    ttl = "never expires" if session.ttl is None else f"{session.ttl:g} s idle"
+    return "\n".join(
+        (
+            f"id: {session.id}",
+            f"state: {session.state}",
+            f"participants: {', '.join(session.participants) or '-'}",
+            f"messages: {session.message_count}",
+            f"last stream id: {session.last_stream_id or '-'}",
+            f"created: {_time(session.created_at)}",
+            f"last active: {_time(session.last_active_at)}",
+            f"ttl: {ttl}",
+            f"metadata: {orjson.dumps(session.metadata).decode()}",
+        )
+    )
+
+
+def _time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+# -- commands --------------------------------------------------------------------------------
 
 
 async def _demo(args: argparse.Namespace) -> int:
     from streamstore.demo import run_demo
 
-    async with StreamStore.open(settings=_settings(args)) as store:
+    async with _open(args) as store:
         report = await run_demo(store, sessions=args.sessions)
-    return 0 if report.lag == 0 and report.replay_matches else 1
+    return EXIT_OK if report.lag == 0 and report.replay_matches else EXIT_ERROR
 
 
 async def _worker(args: argparse.Namespace) -> int:
-    overrides = {
+    given = {
         "consumer": args.consumer,
         "batch_size": args.batch_size,
         "claim_idle": args.claim_idle,
     }
     persister_settings = PersisterSettings.from_env(
-        **{k: v for k, v in overrides.items() if v is not None}
+        **{k: v for k, v in given.items() if v is not None}
     )
-    async with StreamStore.open(settings=_settings(args)) as store:
-        persister = Persister(store, persister_settings)
-        sweeper = Sweeper(store, SweeperSettings.from_env())
+    sweeper_settings = SweeperSettings.from_env()
+    metrics: WorkerMetrics | None = None
+    async with _open(args) as store:
+        if args.metrics_port is None:
+            persister = Persister(store, persister_settings)
+            sweeper = Sweeper(store, sweeper_settings)
+            endpoint = "off"
+        else:
+            from streamstore.metrics import WorkerMetrics
+
+            metrics = WorkerMetrics(store, persister_settings.consumer)
+            persister = Persister(store, persister_settings, on_batch=metrics.observe_batch)
+            sweeper = Sweeper(store, sweeper_settings, on_sweep=metrics.observe_sweep)
+            endpoint = await metrics.listen(args.metrics_host, args.metrics_port)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, persister, sweeper)
             async with anyio.create_task_group() as workers:
                 await workers.start(sweeper.run)
-                await workers.start(persister.run)
+                if metrics is None:
+                    await workers.start(persister.run)
+                else:
+                    tg.start_soon(metrics.serve)
+                    await workers.start(metrics.run_persister, persister)
                 log.info(
-                    "worker ready consumer=%s partitions=%d",
+                    "worker ready consumer=%s partitions=%d metrics=%s",
                     persister.consumer,
                     store.settings.partitions,
+                    endpoint,
                 )
             tg.cancel_scope.cancel()
-        log.info("worker stopped %s", persister.stats.as_dict())
-    return 0
+        counts = " ".join(f"{k}={v:g}" for k, v in persister.stats.as_dict().items())
+        log.info("worker stopped consumer=%s %s", persister.consumer, counts)
+    return EXIT_OK
 
 
 async def _stop_on_signal(persister: Persister, sweeper: Sweeper) -> None:
     """SIGTERM / SIGINT: a graceful stop (the batch in hand is committed and acknowledged)."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("worker: signal %d, stopping gracefully", signum)
+            log.info("worker stopping signal=%d consumer=%s", signum, persister.consumer)
             persister.stop()
             sweeper.stop()
             return
 
 
-def _server(args: argparse.Namespace) -> int:
+async def _server(args: argparse.Namespace) -> int:
     server = EmbeddedServer(data_dir=args.data_dir, port=args.port)
-    server.start()
-    print(server.url, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        await anyio.to_thread.run_sync(server.start)
+        try:
+            print(server.url, flush=True)
+            log.info(
+                "server ready url=%s pid=%s data_dir=%s", server.url, server.pid, server.data_dir
+            )
+            async for signum in signals:
+                log.info("server stopping signal=%d", signum)
+                break
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(server.stop)
+    return EXIT_OK
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    content: str = args.content
+    if content == "-":
+        content = await anyio.to_thread.run_sync(sys.stdin.read)
+        content = content.removesuffix("\n").removesuffix("\r")
+    async with _open(args) as store:
+        message = await store.publish(
+            args.session,
+            sender=args.sender,
+            content=content,
+            recipient=args.recipient,
+            metadata=args.metadata,
+            id=args.id,
+        )
+    _emit(args, str(message.stream_id), _message_json(message))
+    return EXIT_OK
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        return await _print_messages(args, store.subscribe(args.session, recipient=args.recipient))
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        messages = store.replay(
+            args.session, after=args.after, follow=args.follow, recipient=args.recipient
+        )
+        return await _print_messages(args, messages)
+
+
+async def _history(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        page = await store.history(
+            args.session, limit=args.limit, before=args.before, after=args.after
+        )
+    for message in page:
+        _print_message(args, message)
+    return EXIT_OK
+
+
+async def _sessions_list(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        sessions = await store.list_sessions(after=args.after, limit=args.limit)
+    for session in sessions:
+        _emit(args, _session_line(session), _session_json(session))
+    return EXIT_OK
+
+
+async def _sessions_show(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        session = await store.get_session(args.id)
+    _emit(args, _session_details(session), _session_json(session))
+    return EXIT_OK
+
+
+async def _sessions_create(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        session = await store.create_session(
+            args.participants,
+            id=args.id,
+            ttl=getattr(args, "ttl", store.settings.session_ttl_s),
+            metadata=args.metadata,
+        )
+    _emit(args, session.id, _session_json(session))
+    return EXIT_OK
+
+
+async def _sessions_close(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        session = await store.close_session(args.id)
+    _emit(args, _session_line(session), _session_json(session))
+    return EXIT_OK
+
+
+async def _sessions_delete(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        await store.delete_session(args.id)
+    _emit(args, f"{args.id} deleted", {"id": args.id, "state": "deleted"})
+    return EXIT_OK
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        stats = await store.stats()
+        stored = await store.history_store.count_messages()
+    data = dataclasses.asdict(stats) | {
+        "backlog": stats.backlog,
+        "pending": stats.pending,
+        "lagging": stats.lagging,
+        "history_messages": stored,
+    }
+    _emit(args, "\n".join(_stats_lines(stats, stored)), data)
+    return EXIT_OK
+
+
+def _stats_lines(stats: DeploymentStats, stored: int) -> list[str]:
+    lines = [
+        f"server: {stats.server} {stats.server_version}, maxmemory-policy "
+        f"{stats.maxmemory_policy or 'unknown'}, used memory {stats.used_memory / 2**20:.1f} MiB",
+        f"live sessions: {stats.live_sessions}",
+        f"history messages: {stored}",
+        f"dead letters: {stats.dead_letters}",
+        f"high-water mark: {stats.max_lag} entries per partition",
+    ]
+    if stats.data_lost_at is not None:
+        lines.append(f"server lost its data at: {_time(stats.data_lost_at)}")
+    rows = [("partition", "published", "backlog", "lag", "pending", "consumers")]
+    rows += [
+        (
+            str(p.partition),
+            str(p.published),
+            str(p.backlog),
+            "-" if p.lag is None else str(p.lag),
+            str(p.pending),
+            str(p.consumers),
+        )
+        for p in stats.partitions
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return lines
+
+
+async def _check(args: argparse.Namespace) -> int:
+    reasons: list[str] = []
+    warnings: list[str] = []
+    summary = ""
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+        async with _open(args) as store:
+            summary = (
+                f"{store.server.name} {'.'.join(map(str, store.server.version))} at {store.url}"
+            )
+            policy = store.server.maxmemory_policy
+            if policy is None:
+                warnings.append("cannot read the server's CONFIG: eviction policy not verified")
+            elif policy != "noeviction":  # reached when eviction_check is "warn"
+                reasons.append(f"maxmemory-policy is {policy!r}: the server may evict streams")
+            if store.server.appendonly is False:
+                warnings.append(
+                    "append-only persistence is off: a server restart loses what is not persisted"
+                )
+            stats = await store.stats()
+            for partition in stats.lagging:
+                backlog = stats.partitions[partition].backlog
+                reasons.append(
+                    f"partition {partition} holds {backlog} entries, at or over the high-water "
+                    f"mark {stats.max_lag}: publishes there block (is a worker running?)"
+                )
+            if stats.data_lost_at is not None:
+                warnings.append(
+                    f"the server lost its data at {_time(stats.data_lost_at)}: messages it had "
+                    "acknowledged and not yet persisted then are gone"
+                )
+            if stats.dead_letters:
+                warnings.append(
+                    f"{stats.dead_letters} dead letters (see `streamstore dead-letters list`)"
+                )
+            await store.history_store.count_messages()
+    except (ConnectionLostError, ServerError, HistoryError) as exc:
+        reasons.append(_one_line(exc))
+    healthy = not reasons
+    report = {"healthy": healthy, "server": summary, "reasons": reasons, "warnings": warnings}
+    lines = [f"unhealthy: {reason}" for reason in reasons] or [f"healthy: {summary}"]
+    lines += [f"warning: {warning}" for warning in warnings]
+    _emit(args, "\n".join(lines), report)
+    return EXIT_OK if healthy else EXIT_UNHEALTHY
+
+
+def _dead_letter_json(dead: DeadLetter) -> dict[str, object]:
+    return {"id": dead.id, "feed": dead.feed, "entry_id": dead.entry_id, "reason": dead.reason}
+
+
+async def _dead_letters_list(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        dead_letters = await store.dead_letters(limit=args.limit)
+    for dead in dead_letters:
+        _emit(
+            args, f"{dead.id} {dead.feed} {dead.entry_id}: {dead.reason}", _dead_letter_json(dead)
+        )
+    return EXIT_OK
+
+
+async def _dead_letters_requeue(args: argparse.Namespace) -> int:
+    async with _open(args) as store:
+        requeued = await store.requeue_dead_letter(args.id)
+    if not requeued:
+        return _fail(f"no dead letter {args.id}")
+    _emit(args, f"requeued {args.id}", {"id": args.id, "requeued": True})
+    return EXIT_OK
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from streamstore.bench import run_bench
+
+    try:
+        await run_bench(args, _settings(args), functools.partial(print, flush=True))
+    except RuntimeError as exc:  # streamstore lost or repeated a message during the run
+        return _fail(f"bench: {exc}")
+    return EXIT_OK
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+async def _interruptible(args: argparse.Namespace) -> int:
+    """Run a command until it returns or Ctrl-C, then 130.
+
+    asyncio's own Ctrl-C handling cancels the main task once, and a redis-py call may swallow
+    that cancellation (DESIGN.md section 7); an anyio cancel scope cancels again at every await.
+    """
+    command: Command = args.run
+    loop = asyncio.get_running_loop()  # anyio.run's default backend
+    with anyio.CancelScope() as scope:
+        loop.add_signal_handler(signal.SIGINT, scope.cancel)
+        try:
+            return await command(args)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+    return EXIT_INTERRUPTED
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fail(message: str) -> int:
+    print(f"streamstore: {message}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``streamstore`` command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``streamstore`` command; returns the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    quiet = logging.INFO if args.service else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else quiet,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
     try:
-        if args.command == "server":
-            return _server(args)
-        runner = {"demo": _demo, "worker": _worker}[args.command]
-        return anyio.run(runner, args)
+        code: int = anyio.run(args.run if args.service else _interruptible, args)
     except StreamStoreError as exc:
-        print(f"streamstore: {exc}", file=sys.stderr)
-        return 1
+        log.debug("%s failed", args.command, exc_info=True)
+        return _fail(_one_line(exc))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`streamstore replay ID | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,542 @@
+"""The ``streamstore`` command, run as users run it: ``python -m streamstore`` in a subprocess,
+against the test's server, history file and key prefix; exit codes and output checked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+import redis.asyncio
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+import streamstore
+from streamstore import Persister, PersisterSettings, Settings, StreamStore
+from streamstore.cli import main
+from streamstore.embedded import EmbeddedServer
+
+ROOT = Path(streamstore.__file__).resolve().parent.parent
+LINE = re.compile(r"^(\d+-\d+) (\S+) -> (\S+): (.*)$")
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """``python -m streamstore`` with the test's settings as global options."""
+
+    def __init__(self, settings: Settings, cwd: Path) -> None:
+        assert settings.redis_url is not None
+        self.settings = settings
+        self.cwd = cwd
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSTORE_")}
+        self.env |= {
+            "PYTHONPATH": str(ROOT),
+            "STREAMSTORE_BLOCK": str(settings.block_s),
+            "STREAMSTORE_SOCKET_TIMEOUT": str(settings.socket_timeout_s),
+        }
+
+    def argv(self, *args: str, redis_url: str | None = None) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "streamstore",
+            "--redis-url",
+            redis_url or str(self.settings.redis_url),
+            "--history-url",
+            self.settings.history_url,
+            "--key-prefix",
+            self.settings.key_prefix,
+            "--partitions",
+            str(self.settings.partitions),
+            *args,
+        ]
+
+    async def __call__(
+        self,
+        *args: str,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+        redis_url: str | None = None,
+    ) -> Result:
+        done = await anyio.run_process(
+            self.argv(*args, redis_url=redis_url),
+            input=stdin,
+            check=False,
+            cwd=self.cwd,
+            env=self.env | (env or {}),
+        )
+        return Result(done.returncode, done.stdout.decode(), _without_logs(done.stderr.decode()))
+
+    @contextlib.asynccontextmanager
+    async def start(
+        self, *args: str, log: Path, redis_url: str | None = None
+    ) -> AsyncIterator[Process]:
+        """A long-running command: stdout piped, stderr to ``log``; killed if still running."""
+        with log.open("wb") as stderr:
+            process = await anyio.open_process(
+                self.argv(*args, redis_url=redis_url),
+                stdin=subprocess.DEVNULL,
+                stderr=stderr,
+                cwd=self.cwd,
+                env=self.env,
+            )
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ streamstore\.")
+
+
+def _without_logs(stderr: str) -> str:
+    """stderr without log lines (a server without AOF adds a warning, for one)."""
+    return "".join(line for line in stderr.splitlines(True) if not LOG_LINE.match(line))
+
+
+@pytest.fixture
+def cli(settings: Settings, tmp_path: Path) -> Cli:
+    return Cli(settings, tmp_path)
+
+
+async def read_line(stdout: BufferedByteReceiveStream, timeout: float = 20.0) -> str:
+    with anyio.fail_after(timeout):
+        return (await stdout.receive_until(b"\n", 1 << 20)).decode()
+
+
+async def wait_for_log(log: Path, pattern: str, process: Process, timeout: float = 30.0) -> str:
+    """The first match of ``pattern`` in ``log``, waiting for the process to write it."""
+    with anyio.fail_after(timeout):
+        while not (found := re.search(pattern, text := await anyio.Path(log).read_text())):
+            assert process.returncode is None, text
+            await anyio.sleep(0.05)
+    return found.group(1)
+
+
+async def stop(process: Process, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    process.send_signal(signum)
+    with anyio.fail_after(timeout):
+        return await process.wait()
+
+
+async def fetch(url: str) -> tuple[int, bytes]:
+    def get() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    return await anyio.to_thread.run_sync(get)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- usage --------------------------------------------------------------------------------
+
+
+def test_help_has_examples_and_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    assert "streamstore publish" in out
+    assert "exit status" in out
+    assert main([]) == 2
+    assert main(["publish", "s1", "--sender", "a", "--metadata", "[1]", "x"]) == 2
+    assert main(["history", "s1", "--before", "1-0", "--after", "2-0"]) == 2
+    assert main(["--partitions", "0", "stats"]) == 2
+    assert main(["worker", "--metrics-port", "70000"]) == 2
+    assert main(["sessions", "create", "--ttl", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a JSON object" in err
+    assert "not allowed with argument" in err
+
+
+# -- sessions, publish and reads ----------------------------------------------------------
+
+
+async def test_sessions_publish_history_and_replay(cli: Cli, raw: redis.asyncio.Redis) -> None:
+    created = await cli(
+        "sessions",
+        "create",
+        "--id",
+        "chat-1",
+        "--participant",
+        "alice",
+        "--participant",
+        "bot",
+        "--ttl",
+        "none",
+        "--metadata",
+        '{"topic": "parcels"}',
+    )
+    assert created == Result(0, "chat-1\n", "")
+
+    first = await cli("publish", "chat-1", "--sender", "alice", "--recipient", "bot", "hi\nthere")
+    assert first.code == 0, first.err
+    first_id = first.out.strip()
+    assert re.fullmatch(r"\d+-\d+", first_id)
+
+    piped = await cli(
+        "publish",
+        "chat-1",
+        "--sender",
+        "bot",
+        "--id",
+        "reply-1",
+        "--metadata",
+        '{"n": 1}',
+        "--json",
+        "-",
+        stdin=b"from stdin\n",
+    )
+    assert piped.code == 0, piped.err
+    reply = orjson.loads(piped.out)
+    assert reply["content"] == "from stdin"
+    assert reply["metadata"] == {"n": 1}
+    assert reply["recipient"] is None
+    again = await cli("publish", "chat-1", "--sender", "bot", "--id", "reply-1", "from stdin")
+    assert again.out.strip() == reply["stream_id"]  # idempotent: the first stream id
+
+    history = await cli("history", "chat-1")
+    assert history.code == 0, history.err
+    assert history.out.splitlines() == [
+        f"{first_id} alice -> bot: hi\\nthere",
+        f"{reply['stream_id']} bot -> *: from stdin",
+    ]
+    newest = await cli("history", "chat-1", "--limit", "1")
+    assert newest.out.splitlines() == [f"{reply['stream_id']} bot -> *: from stdin"]
+    after = await cli("--json", "history", "chat-1", "--after", first_id)
+    assert [orjson.loads(line)["id"] for line in after.out.splitlines()] == ["reply-1"]
+
+    replay = await cli("replay", "chat-1", "--json")
+    assert replay.code == 0, replay.err
+    messages = [orjson.loads(line) for line in replay.out.splitlines()]
+    assert [m["content"] for m in messages] == ["hi\nthere", "from stdin"]
+    assert [m["stream_id"] for m in messages] == [first_id, reply["stream_id"]]
+    for_alice = await cli("replay", "chat-1", "--recipient", "alice")
+    assert for_alice.out.splitlines() == [f"{reply['stream_id']} bot -> *: from stdin"]
+
+    shown = await cli("sessions", "show", "chat-1", "--json")
+    session = orjson.loads(shown.out)
+    assert session["participants"] == ["alice", "bot"]
+    assert session["ttl"] is None
+    assert session["metadata"] == {"topic": "parcels"}
+    assert session["state"] == "active"
+    assert "participants: alice, bot" in (await cli("sessions", "show", "chat-1")).out
+
+    assert (await cli("sessions", "create", "--id", "chat-2")).code == 0
+    listed = await cli("sessions", "list")
+    assert [line.split()[0] for line in listed.out.splitlines()] == ["chat-1", "chat-2"]
+    paged = await cli("sessions", "list", "--after", "chat-1", "--limit", "1", "--json")
+    assert [orjson.loads(line)["id"] for line in paged.out.splitlines()] == ["chat-2"]
+
+    closed = await cli("sessions", "close", "chat-1")
+    assert closed.code == 0, closed.err
+    assert closed.out.startswith("chat-1 closed ")
+    refused = await cli("publish", "chat-1", "--sender", "alice", "late")
+    assert refused == Result(1, "", "streamstore: session 'chat-1' is closed\n")
+    deleted = await cli("sessions", "delete", "chat-2", "--json")
+    assert orjson.loads(deleted.out) == {"id": "chat-2", "state": "deleted"}
+
+
+async def test_streamstore_errors_are_one_line_and_exit_1(
+    cli: Cli, raw: redis.asyncio.Redis
+) -> None:
+    assert await cli("history", "nope") == Result(1, "", "streamstore: session 'nope' not found\n")
+    bad = await cli("publish", "bad id!", "--sender", "a", "x")
+    assert bad.code == 1
+    assert bad.err.startswith("streamstore: invalid session id")
+    assert bad.err.count("\n") == 1
+
+
+async def test_tail_prints_live_messages_for_recipient_until_ctrl_c(
+    cli: Cli, store: StreamStore, tmp_path: Path
+) -> None:
+    session = await store.create_session(["alice", "bot", "carol"])
+    async with cli.start(
+        "tail", session.id, "--recipient", "bot", log=tmp_path / "tail.log"
+    ) as tail:
+        assert tail.stdout is not None
+        stdout = BufferedByteReceiveStream(tail.stdout)
+        line = None
+        for n in range(100):  # tail starts from "now": publish until it has subscribed
+            await store.publish(session.id, sender="alice", recipient="carol", content="not bot")
+            await store.publish(session.id, sender="alice", recipient="bot", content=f"bot {n}")
+            with anyio.move_on_after(0.2):
+                line = await read_line(stdout)
+                break
+        assert line is not None, (tmp_path / "tail.log").read_text()
+        match = LINE.match(line.rstrip("\n"))
+        assert match is not None, line
+        assert match.group(2, 3) == ("alice", "bot")
+        assert match.group(4).startswith("bot ")
+        assert await stop(tail, signal.SIGINT) == 130
+
+
+async def test_replay_follow_goes_live_and_ends_when_the_session_closes(
+    cli: Cli, store: StreamStore, tmp_path: Path
+) -> None:
+    session = await store.create_session(["a"])
+    old = await store.publish(session.id, sender="a", content="before")
+    log = tmp_path / "replay.log"
+    async with cli.start("replay", session.id, "--follow", "--json", log=log) as replay:
+        assert replay.stdout is not None
+        stdout = BufferedByteReceiveStream(replay.stdout)
+        assert orjson.loads(await read_line(stdout))["id"] == old.id
+        new = await store.publish(session.id, sender="a", content="after")
+        assert orjson.loads(await read_line(stdout))["id"] == new.id
+        await store.close_session(session.id)
+        with anyio.fail_after(20):
+            assert await replay.wait() == 0, log.read_text()
+
+
+# -- stats, check, dead letters ----------------------------------------------------------
+
+
+async def test_stats_reports_partitions_and_history(cli: Cli, store: StreamStore) -> None:
+    session = await store.create_session(["a"])
+    for n in range(3):
+        await store.publish(session.id, sender="a", content=f"m{n}")
+    await Persister(store, PersisterSettings(consumer="test")).drain()
+
+    result = await cli("stats", "--json")
+    assert result.code == 0, result.err
+    stats = orjson.loads(result.out)
+    assert stats["history_messages"] == 3
+    assert stats["live_sessions"] == 1
+    assert stats["dead_letters"] == 0
+    assert stats["maxmemory_policy"] == "noeviction"
+    assert len(stats["partitions"]) == 4
+    assert sum(p["published"] for p in stats["partitions"]) == 4  # session event + 3 messages
+    assert {p["pending"] for p in stats["partitions"]} == {0}
+    assert stats["lagging"] == []
+
+    text = await cli("stats")
+    assert "history messages: 3" in text.out
+    assert re.search(
+        r"^partition\s+published\s+backlog\s+lag\s+pending\s+consumers$", text.out, re.M
+    )
+
+
+async def test_check_healthy_and_dead_letters_warn_list_and_requeue(
+    cli: Cli, store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    healthy = await cli("check")
+    assert healthy.code == 0, healthy.out
+    assert healthy.out.startswith("healthy: ")
+
+    session = await store.create_session(["a"])
+    await raw.xadd(store.keys.session(session.id).feed, {b"garbage": b"entirely"})
+    await Persister(store, PersisterSettings(consumer="test")).drain()
+
+    warned = await cli("check", "--json")
+    assert warned.code == 0, warned.out
+    report = orjson.loads(warned.out)
+    assert report["healthy"] is True
+    warnings = [w for w in report["warnings"] if not w.startswith("append-only persistence")]
+    assert warnings == ["1 dead letters (see `streamstore dead-letters list`)"]
+
+    listed = await cli("dead-letters", "list", "--json")
+    (dead,) = [orjson.loads(line) for line in listed.out.splitlines()]
+    assert dead["feed"] == store.keys.session(session.id).feed
+    assert "undecodable" in dead["reason"]
+    assert (await cli("dead-letters", "list")).out.startswith(f"{dead['id']} ")
+
+    assert await cli("dead-letters", "requeue", dead["id"]) == Result(
+        0, f"requeued {dead['id']}\n", ""
+    )
+    assert (await cli("dead-letters", "list")).out == ""
+    missing = await cli("dead-letters", "requeue", dead["id"])
+    assert missing == Result(1, "", f"streamstore: no dead letter {dead['id']}\n")
+
+
+async def test_check_exits_3_when_the_server_is_down(cli: Cli) -> None:
+    port = closed_port()
+    down = await cli("check", redis_url=f"redis://127.0.0.1:{port}/0")
+    assert down.code == 3, down
+    assert down.out.startswith("unhealthy: ")
+    assert str(port) in down.out
+    assert "Traceback" not in down.err
+    as_json = await cli("check", "--json", redis_url=f"redis://127.0.0.1:{closed_port()}/0")
+    assert as_json.code == 3
+    assert orjson.loads(as_json.out)["healthy"] is False
+
+
+async def test_check_exits_3_when_the_server_may_evict(cli: Cli, tmp_path: Path) -> None:
+    server = EmbeddedServer(data_dir=tmp_path / "evicting")
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        client = redis.asyncio.Redis.from_url(server.url)
+        await client.config_set("maxmemory-policy", "allkeys-lru")
+        await client.aclose()
+        evicting = await cli("check", redis_url=server.url)
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
+    assert evicting.code == 3, evicting
+    assert "maxmemory-policy is 'allkeys-lru'" in evicting.out
+    assert "Traceback" not in evicting.err
+
+
+async def test_check_exits_3_when_a_partition_is_over_the_high_water_mark(
+    cli: Cli, store: StreamStore
+) -> None:
+    session = await store.create_session(["a"])
+    await store.publish_many(session.id, [{"sender": "a", "content": "x"}] * 10)
+    partition = store.keys.session(session.id).partition
+
+    lagging = await cli("check", env={"STREAMSTORE_MAX_LAG": "5"})
+    assert lagging.code == 3, lagging
+    assert f"unhealthy: partition {partition} holds 11 entries" in lagging.out
+    assert "high-water mark 5" in lagging.out
+    assert (await cli("check")).code == 0  # the default mark is far above
+
+
+# -- long-running commands ----------------------------------------------------------------
+
+
+async def test_worker_serves_health_and_metrics_and_stops_on_sigterm(
+    cli: Cli, store: StreamStore, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    args = ("worker", "--consumer", "w1", "--metrics-port", "0")
+    async with cli.start(*args, log=log) as worker:
+        url = await wait_for_log(log, r"worker ready consumer=w1 .*metrics=(\S+)", worker)
+        status, body = await fetch(f"{url}/healthz")
+        assert status == 200
+        health = orjson.loads(body)
+        assert health["status"] == "ok"
+        assert health["persister_running"] is True
+        assert health["redis"] is True
+
+        session = await store.create_session(["a"])
+        await store.publish_many(session.id, [{"sender": "a", "content": "secret-text"}] * 5)
+        with anyio.fail_after(30):
+            while "streamstore_persister_persisted_total 5.0" not in (
+                metrics := (await fetch(f"{url}/metrics"))[1].decode()
+            ):
+                await anyio.sleep(0.1)
+        partition = store.keys.session(session.id).partition
+        for sample in (
+            'streamstore_worker_info{consumer="w1",partitions="4"} 1.0',
+            f'streamstore_feed_published_total{{partition="{partition}"}} 6.0',
+            f'streamstore_feed_backlog{{partition="{partition}"}}',
+            f'streamstore_feed_lag{{partition="{partition}"}} 0.0',
+            f'streamstore_feed_pending{{partition="{partition}"}} 0.0',
+            "streamstore_persister_duplicates_total 0.0",
+            "streamstore_persister_dead_lettered_total 0.0",
+            "streamstore_persister_claimed_total 0.0",
+            "streamstore_dead_letters 0.0",
+            "streamstore_redis_up 1.0",
+            "streamstore_persister_running 1.0",
+            'streamstore_persister_batch_size_bucket{le="+Inf"}',
+            "streamstore_persister_commit_seconds_count",
+            "streamstore_sweeps_total",
+            'streamstore_swept_total{kind="closed"}',
+        ):
+            assert sample in metrics, sample
+        assert (await fetch(f"{url}/nowhere"))[0] == 404
+
+        assert await stop(worker) == 0
+    text = log.read_text()
+    assert "worker stopped consumer=w1 " in text
+    assert "persisted=5" in text
+    assert "secret-text" not in text
+
+
+async def test_worker_exits_1_when_the_metrics_port_is_taken(
+    cli: Cli, raw: redis.asyncio.Redis
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await cli("worker", "--metrics-port", str(port))
+    assert result.code == 1, result
+    assert f"streamstore: cannot serve metrics on 127.0.0.1:{port}: " in result.err
+    assert "Traceback" not in result.err
+
+
+async def test_worker_health_is_503_while_redis_does_not_answer(cli: Cli, tmp_path: Path) -> None:
+    server = EmbeddedServer(data_dir=tmp_path / "paused")
+    await anyio.to_thread.run_sync(server.start)
+    log = tmp_path / "worker.log"
+    args = ("worker", "--consumer", "w1", "--metrics-port", "0")
+    try:
+        async with cli.start(*args, log=log, redis_url=server.url) as worker:
+            url = await wait_for_log(log, r"worker ready .*metrics=(\S+)", worker)
+            assert (await fetch(f"{url}/healthz"))[0] == 200
+            server.pause()
+            try:
+                status, body = await fetch(f"{url}/healthz")
+            finally:
+                server.resume()
+            assert status == 503
+            health = orjson.loads(body)
+            assert health["status"] == "unhealthy"
+            assert health["redis"] is False
+            assert any("Redis does not answer" in reason for reason in health["reasons"])
+            assert await stop(worker) == 0
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
+
+
+async def test_server_prints_its_url_serves_and_stops_on_sigterm(
+    cli: Cli, raw: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    log = tmp_path / "server.log"
+    async with cli.start("server", "--data-dir", str(tmp_path / "data"), log=log) as server:
+        assert server.stdout is not None
+        url = (await read_line(BufferedByteReceiveStream(server.stdout))).strip()
+        assert url.startswith("redis://127.0.0.1:")
+        checked = await cli("check", redis_url=url)
+        assert checked.code == 0, checked
+        assert await stop(server) == 0
+
+
+async def test_demo_runs_and_exits_0(cli: Cli, raw: redis.asyncio.Redis) -> None:
+    demo = await cli("demo", "--sessions", "1")
+    assert demo.code == 0, demo
+    assert "replay matches live=True" in demo.out
+
+
+async def test_bench_quick_run_prints_the_table(
+    cli: Cli, raw: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    bench = await cli(
+        "bench",
+        "--quick",
+        "--messages",
+        "200",
+        "--rate",
+        "400",
+        "--duration",
+        "0.25",
+        env={"TMPDIR": str(tmp_path)},
+    )
+    assert bench.code == 0, bench
+    assert re.search(r"^figure\s+\|\s+streamstore\s+\|\s+baseline\s+\|\s+ratio$", bench.out, re.M)
