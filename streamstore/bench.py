@@ -29,6 +29,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
+from streamstore.cli_types import positive_float, positive_int
 from streamstore.config import PersisterSettings, Settings
 from streamstore.keys import Keyspace
 from streamstore.persister import Persister
@@ -190,21 +191,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--messages",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"messages per throughput step (default: {DEFAULT_MESSAGES:,}; "
         f"--quick: {QUICK_MESSAGES:,})",
     )
     parser.add_argument(
         "--rate",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_RATE,
         metavar="R",
         help=f"messages per second of the latency step (default: {DEFAULT_RATE:,.0f})",
     )
     parser.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help=f"length of the latency step (default: {DEFAULT_DURATION:g}; "
         f"--quick: {QUICK_DURATION:g})",
@@ -646,23 +647,3 @@ def _format(value: float, unit: str) -> str:
     if unit == "ms":
         return f"{value:,.2f} {unit}"
     return f"{value:,.1f} {unit}"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import orjson
 
+from streamstore.cli_types import positive_int
 from streamstore.config import PersisterSettings, Settings, SweeperSettings
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import (
@@ -114,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--key-prefix", metavar="PREFIX", help="Redis key prefix (default: ss)")
     parser.add_argument(
         "--partitions",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="partition feeds; the same in every process of a deployment (default: 16)",
     )
@@ -145,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     demo = command("demo", "agents chatting on a few sessions, persisted and replayed", _demo)
-    demo.add_argument("--sessions", type=_positive_int, default=3, metavar="N", help="default: 3")
+    demo.add_argument("--sessions", type=positive_int, default=3, metavar="N", help="default: 3")
 
     worker = command("worker", "persist and sweep until SIGTERM or Ctrl-C", _worker)
     worker.set_defaults(service=True)
@@ -156,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the host name)",
     )
     worker.add_argument(
-        "--batch-size", type=_positive_int, metavar="N", help="entries per batch (default: 1000)"
+        "--batch-size", type=positive_int, metavar="N", help="entries per batch (default: 1000)"
     )
     worker.add_argument(
         "--claim-idle",
@@ -209,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
 
     history = command("history", "print a window of a session's messages", _history, data=True)
     history.add_argument("session", metavar="SESSION")
-    history.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="default: 50")
+    history.add_argument("--limit", type=positive_int, default=50, metavar="N", help="default: 50")
     window = history.add_mutually_exclusive_group()
     window.add_argument("--before", metavar="ID", help="the last N before this stream id")
     window.add_argument("--after", metavar="ID", help="the first N after this stream id")
@@ -219,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     listing = action("list", "sessions ordered by id, live and in history", _sessions_list)
     listing.add_argument("--after", metavar="ID", help="the page after this session id")
     listing.add_argument(
-        "--limit", type=_positive_int, default=100, metavar="N", help="default: 100"
+        "--limit", type=positive_int, default=100, metavar="N", help="default: 100"
     )
     action("show", "one session in detail", _sessions_show).add_argument("id", metavar="ID")
     create = action("create", "create a session; prints its id", _sessions_create)
@@ -258,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     action = functools.partial(_action, dead.add_subparsers(**_ACTIONS))
     dead_list = action("list", "the oldest dead letters and their reasons", _dead_letters_list)
     dead_list.add_argument(
-        "--limit", type=_positive_int, default=100, metavar="N", help="default: 100"
+        "--limit", type=positive_int, default=100, metavar="N", help="default: 100"
     )
     requeue = action(
         "requeue", "put one back on its feed, once its cause is fixed", _dead_letters_requeue
@@ -303,16 +304,6 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 def _sentence(summary: str) -> str:
     return summary[0].upper() + summary[1:] + "."
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
