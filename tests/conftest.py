@@ -48,9 +48,7 @@ def key_prefix() -> str:
 
 
 @pytest.fixture
-def settings(
-    redis_url: str, key_prefix: str, tmp_path: Path, raw: redis.asyncio.Redis
-) -> Settings:
+def settings(redis_url: str, key_prefix: str, tmp_path: Path, raw: redis.asyncio.Redis) -> Settings:
     """Settings under the test's own key prefix (cleaned up afterwards through ``raw``)."""
     return Settings(
         redis_url=redis_url,

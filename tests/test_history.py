@@ -61,8 +61,14 @@ def sqlite_url(path: Path, **options: str) -> str:
     return f"sqlite:///{path}" + (f"?{query}" if query else "")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[HistoryStore]:
+    if request.param == "postgres":  # skipped unless STREAMSTORE_TEST_POSTGRES_URL is set
+        from tests.test_history_postgres import opened_postgres_history  # noqa: PLC0415
+
+        async with opened_postgres_history() as postgres:  # in a schema of its own, dropped after
+            yield postgres
+        return
     url = "memory://" if request.param == "memory" else sqlite_url(tmp_path / "h.db")
     history = history_from_url(url)
     await history.open()

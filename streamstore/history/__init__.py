@@ -1,7 +1,8 @@
 """Durable history: the HistoryStore protocol and the URL-chosen implementations.
 
-``sqlite:///path.db`` (default, embedded) and ``memory://`` (tests) ship today; each lives in its
-own module, imported only when its scheme is asked for.
+``sqlite:///path.db`` (default, embedded), ``postgresql://...`` (many workers on many machines)
+and ``memory://`` (tests); each lives in its own module, imported only when its scheme is asked
+for.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def history_from_url(url: str) -> HistoryStore:
         from streamstore.history.memory import MemoryHistory
 
         return MemoryHistory()
+    if scheme in ("postgresql", "postgres"):
+        from streamstore.history.postgres import PostgresHistory
+
+        return PostgresHistory.from_url(url)
     raise ConfigurationError(
-        f"unknown history URL scheme {scheme!r}: expected sqlite:///path.db or memory://"
+        f"unknown history URL scheme {scheme!r}: expected sqlite:///path.db, "
+        "postgresql://user@host/db or memory://"
     )

@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from streamstore.crashpoints import crash_if
 from streamstore.errors import (
     ConfigurationError,
     HistoryCorruptError,
@@ -697,6 +698,7 @@ def _write_batch_sync(
             connection.execute("BEGIN IMMEDIATE")
             inserted = _apply_batch(connection, snapshots, rows, session_by_session=True)
             assert inserted is not None
+        crash_if("in_transaction")
         connection.execute("COMMIT")
     except BaseException:
         _rollback(connection)
