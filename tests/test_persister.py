@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -320,3 +321,27 @@ async def test_history_refusing_everything_dead_letters_nothing(
     assert await raw.xlen(store.keys.dead_letters) == 0
     feed = store.keys.session(session.id).feed
     assert (await raw.xpending(feed, GROUP))["pending"] == 6  # 5 messages + the session entry
+
+
+@pytest.mark.slow
+async def test_sigkill_inside_the_sqlite_transaction_leaves_a_sound_file(
+    store: StreamStore, settings: Settings, tmp_path: Path, tally: TallyFactory
+) -> None:
+    counts = tally(
+        "persister killed inside the SQLite transaction",
+        "SIGKILL between the inserts and COMMIT; PRAGMA integrity_check; restart",
+        "crash point in_transaction",
+    )
+    published = await publish_load(store, sessions=10, per_session=100)
+    crashing = Worker(settings, tmp_path, "w1", crash_point="in_transaction")
+    assert crashing.wait_exit() == -signal.SIGKILL, crashing.log()
+    db = tmp_path / "history.db"
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert connection.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+    restarted = Worker(settings, tmp_path, "w1")
+    restarted.wait_ready()
+    assert await wait_for_count(settings, len(published)) == len(published)
+    assert restarted.terminate() == 0, restarted.log()
+    rows = await history_rows(settings, {m.session_id for m in published})
+    assert_exactly_once(published, rows, counts)
