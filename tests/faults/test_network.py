@@ -69,6 +69,8 @@ async def test_lost_publish_replies_are_retried_with_the_same_id_and_stored_once
                     break
                 except ConnectionLostError:
                     retries += 1
+        live = [m.id async for m in store.replay(session.id)]  # from the Redis stream
+        assert live == [f"m{i}" for i in range(100)]  # each retried id entered the stream once
         await Persister(store, PersisterSettings(consumer="c1")).drain()
         stored = await stored_messages(store, {session.id})
     assert proxy.faults.dropped, "the fault was never injected"
