@@ -234,6 +234,7 @@ async def test_server_killed_and_restarted_with_aof_loses_nothing(
             published = await publish_load(store, sessions=4, per_session=100)
             async with anyio.create_task_group() as tg:
                 await tg.start(persister.run)
+                killed = server.pid
                 server.kill()
                 await anyio.sleep(0.5)
                 await anyio.to_thread.run_sync(server.restart)
@@ -245,7 +246,7 @@ async def test_server_killed_and_restarted_with_aof_loses_nothing(
             rows = await history_rows(settings, {m.session_id for m in published})
             counts.notes["persister errors"] = persister.stats.errors
             assert_exactly_once(published, rows, counts)
-            assert persister.stats.errors >= 1
+            assert server.pid != killed  # the fault really happened (the client's retries hide it)
     finally:
         server.stop()
 
