@@ -26,7 +26,7 @@ from typing import Any, Final, cast
 import anyio
 import anyio.to_thread
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.typing import EncodableT, FieldT
 
 from streamstore.cli_types import positive_float, positive_int
@@ -612,7 +612,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def _delete_keys(client: Redis, prefix: str) -> None:
+async def _delete_keys(client: Redis | RedisCluster, prefix: str) -> None:
     """Delete every key under ``prefix`` (SCAN + UNLINK; the server may be shared), even when
     the step was cancelled."""
     with anyio.move_on_after(30, shield=True):

@@ -17,8 +17,9 @@ from typing import Any
 
 import anyio
 import redis.exceptions
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from streamstore.connection import Client
 
 __all__ = ["ScriptCoalescer"]
 
@@ -26,6 +27,8 @@ MAX_BATCH = 256
 """Calls sent in one pipeline."""
 MAX_QUEUED = 4096
 """Calls waiting at most; beyond it callers wait for room."""
+RESENDS = 2
+"""Times a call is sent again after a missing script or a dropped connection."""
 
 
 @dataclass(eq=False)
@@ -41,7 +44,7 @@ class _Call:
 class ScriptCoalescer:
     """Runs one script for many concurrent callers."""
 
-    def __init__(self, client: Redis, script: AsyncScript) -> None:
+    def __init__(self, client: Client, script: AsyncScript) -> None:
         self._client = client
         self._script = script
         self._queue: deque[_Call] = deque()
@@ -104,18 +107,25 @@ class ScriptCoalescer:
             self._queue[0].wake.set()
 
     async def _send(self, batch: list[_Call]) -> None:
-        """One pipeline of EVALSHA; calls that found the script missing are loaded and resent.
+        """One pipeline of EVALSHA (on a cluster, one per node, sent together); calls that
+        found the script missing on their node are sent again after it is loaded, and so are
+        calls that met a dropped connection (a cluster pipeline hands those back instead of
+        retrying them; publishes are idempotent).
 
-        A failed connection fails every call of the pipeline; a cancelled one too (and the
+        A pipeline that fails as a whole fails every call of it; a cancelled one too (and the
         cancellation goes on).
         """
         todo = batch
-        for _attempt in range(2):
+        for attempt in range(RESENDS + 1):
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for pending in todo:
-                        pipe.evalsha(
-                            self._script.sha, len(pending.keys), *pending.keys, *pending.args
+                        pipe.execute_command(
+                            "EVALSHA",
+                            self._script.sha,
+                            len(pending.keys),
+                            *pending.keys,
+                            *pending.args,
                         )
                     replies = await pipe.execute(raise_on_error=False)
             except anyio.get_cancelled_exc_class():
@@ -128,17 +138,24 @@ class ScriptCoalescer:
                 for pending in todo:
                     pending.error = exc
                 return
-            missing = []
+            again = []
             for pending, reply in zip(todo, replies, strict=True):
-                if isinstance(reply, redis.exceptions.NoScriptError):
-                    missing.append(pending)
+                if isinstance(reply, _RESENT) and attempt < RESENDS:
+                    again.append(pending)
                 elif isinstance(reply, Exception):
                     pending.error = reply
                 else:
                     pending.result = reply
-            if not missing:
+            if not again:
                 return
-            await self._client.script_load(self._script.script)
-            todo = missing
-        for pending in todo:
-            pending.error = redis.exceptions.NoScriptError("the server keeps losing the script")
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                await self._client.script_load(self._script.script)  # on every primary
+            todo = again
+
+
+_RESENT = (
+    redis.exceptions.NoScriptError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+"""Replies after which a call is sent again."""

@@ -50,7 +50,10 @@ class Settings:
     """Settings of a :class:`~streamstore.StreamStore` (and of the workers that share its keys).
 
     Attributes:
-        redis_url: ``redis://``, ``rediss://`` or ``unix://``; None starts the embedded server.
+        redis_url: ``redis://``, ``rediss://`` or ``unix://``; for a Redis Cluster,
+            ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS),
+            naming any of its nodes: the client discovers the others. None starts the
+            embedded server.
         history_url: ``sqlite:///path.db`` or ``memory://``.
         key_prefix: first part of every Redis key; lets several deployments share a server.
         partitions: number of partition feeds; fixed per deployment (checked at start).
@@ -68,7 +71,8 @@ class Settings:
             raises BackpressureError; 0 fails at once.
         embedded_dir: data directory of the embedded server (default: beside the SQLite file).
         max_connections: connections a store may open (each live subscriber holds one; all
-            publishes together use two); past it, a call fails with ConnectionLostError.
+            publishes together use two), per node on a cluster; past it, a call fails with
+            ConnectionLostError.
         tls_ca_file: CA bundle that signs the server certificate (``rediss://``; default: the
             system store). Certificates and host names are always verified.
         tls_cert_file: client certificate, for servers that require one.
@@ -189,7 +193,8 @@ class PersisterSettings:
 
     Attributes:
         consumer: consumer name in the group; stable across restarts of the same worker.
-        batch_size: entries read per XREADGROUP (and committed per transaction).
+        batch_size: entries read per XREADGROUP (and committed per transaction); on a
+            Redis Cluster, where each feed is read by its own XREADGROUP, per feed.
         claim_idle: a pending entry idle this long belongs to a dead consumer and is claimed.
         claim_interval: how often to look for such entries.
         max_deliveries: deliveries before an entry that fails to store is dead-lettered.

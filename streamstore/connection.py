@@ -2,6 +2,10 @@
 
 Credentials come with the URL (``redis://user:password@host:6379/0``), one ACL user per role
 (see ``deploy/users.acl``); every check here works with the least privileged of those users.
+
+A Redis Cluster is named by ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://``
+with TLS): any reachable node lets the client discover the others. Every script call touches the
+keys of one partition, which share a hash tag, so each one runs on the node owning that slot.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from typing import Any, TypeAlias
+from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio.connection
 import redis.exceptions
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.typing import EncodableT
 
 from streamstore.config import Settings
 from streamstore.errors import (
@@ -32,14 +38,28 @@ from streamstore.errors import (
 )
 from streamstore.keys import Keyspace
 
-__all__ = ["ServerInfo", "check_server", "connect", "redact_url"]
+__all__ = [
+    "Client",
+    "ServerInfo",
+    "check_server",
+    "connect",
+    "is_transient",
+    "redact_url",
+    "routed",
+    "used_memory",
+]
 
 log = logging.getLogger(__name__)
+
+Client: TypeAlias = Redis | RedisCluster
+"""What :func:`connect` returns: a client of one server, or of a Redis Cluster."""
 
 MIN_VERSION = (6, 2)
 """XAUTOCLAIM and exclusive XRANGE bounds arrived in Redis 6.2."""
 
 _SCHEMES = ("redis", "rediss", "unix")
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_DEFAULT_PORT = 6379
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +67,9 @@ class ServerInfo:
     """What streamstore learned about the server when it connected.
 
     ``maxmemory_policy`` and ``appendonly`` are None when this connection's user may not run
-    INFO (a producer or subscriber under ``deploy/users.acl``): they were not verified.
+    INFO (a producer or subscriber under ``deploy/users.acl``): they were not verified. On a
+    cluster they describe the primaries together: the first policy other than ``noeviction``
+    any of them has, and whether all of them log appends.
     """
 
     name: str
@@ -59,32 +81,38 @@ class ServerInfo:
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, fit for logs and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
-def connect(url: str, settings: Settings) -> Redis:
-    """A redis-py asyncio client for ``url`` that returns bytes and speaks RESP2.
+def connect(url: str, settings: Settings) -> Client:
+    """A redis-py asyncio client for ``url`` that returns bytes and speaks RESP2: a
+    :class:`~redis.asyncio.RedisCluster` for ``redis+cluster://`` and ``rediss+cluster://``
+    URLs (``max_connections`` then applies per node), a :class:`~redis.asyncio.Redis` otherwise.
 
     ``rediss://`` URLs always verify the server certificate (against ``settings.tls_ca_file``,
     else the system store) and its host name; ``tls_cert_file``/``tls_key_file`` present a
     client certificate. Nothing can turn verification off, and TLS options given with a
     plaintext URL are refused rather than ignored: streamstore never falls back to plaintext.
+    Cluster nodes are reached at the addresses they announce, so with TLS their certificates
+    must name those addresses.
+
+    Nothing is sent before the first command.
 
     Raises:
         ConfigurationError: an unknown scheme, TLS options with a ``redis://`` or ``unix://``
-            URL, ``ssl_*`` parameters in the URL, or a TLS file that does not exist.
+            URL, ``ssl_*`` parameters in the URL, a TLS file that does not exist, or a cluster
+            URL with a database other than 0 or a malformed node address.
     """
     parts = urlsplit(url)
-    if parts.scheme not in _SCHEMES:
+    scheme = _CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)
+    if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"redis_url must start with redis://, rediss:// or unix://, not {parts.scheme!r}://"
+            "redis_url must start with redis://, rediss:// or unix:// (redis+cluster:// or "
+            f"rediss+cluster:// for a Redis Cluster), not {parts.scheme!r}://"
         )
     tls_files = {
         "tls_ca_file": settings.tls_ca_file,
@@ -92,7 +120,7 @@ def connect(url: str, settings: Settings) -> Redis:
         "tls_key_file": settings.tls_key_file,
     }
     given = sorted(name for name, path in tls_files.items() if path is not None)
-    if given and parts.scheme != "rediss":
+    if given and scheme != "rediss":
         raise ConfigurationError(
             f"{', '.join(given)} given with a plaintext {parts.scheme}:// URL: use rediss:// "
             "(streamstore does not fall back to plaintext when TLS is configured)"
@@ -104,12 +132,26 @@ def connect(url: str, settings: Settings) -> Redis:
             "tls_ca_file, tls_cert_file and tls_key_file; certificate and host name "
             "verification cannot be turned off"
         )
-    options: dict[str, Any] = {}
-    if parts.scheme == "rediss":
+    options: dict[str, Any] = {
+        "max_connections": settings.max_connections,
+        "decode_responses": False,
+        "protocol": 2,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": min(settings.socket_timeout_s, 5.0),
+        "health_check_interval": 30,
+        # A command that met a dropped connection (a server restart, CLIENT KILL) is sent
+        # again on a new one. Everything streamstore sends may be repeated: publishes are
+        # deduplicated by message id, the other scripts and XACK are idempotent, and entries
+        # of a repeated group read stay pending until claimed. (A cluster client uses only
+        # the count: it re-reads the cluster's layout between attempts.)
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    }
+    if scheme == "rediss":
         for name, path in tls_files.items():
             if path is not None and not Path(path).is_file():
                 raise ConfigurationError(f"{name} {path!r} is not a readable file")
-        options = {
+        options |= {
             "ssl_cert_reqs": "required",
             "ssl_check_hostname": True,
             "ssl_ca_certs": settings.tls_ca_file,
@@ -117,24 +159,149 @@ def connect(url: str, settings: Settings) -> Redis:
             "ssl_keyfile": settings.tls_key_file,
             "ssl_min_version": ssl.TLSVersion.TLSv1_2,
         }
-    pool = ConnectionPool.from_url(
-        url,
-        connection_class=_connection_class(parts.scheme),
-        max_connections=settings.max_connections,
-        decode_responses=False,
-        protocol=2,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=min(settings.socket_timeout_s, 5.0),
-        health_check_interval=30,
-        # A command that met a dropped connection (a server restart, CLIENT KILL) is sent
-        # again on a new one. Everything streamstore sends may be repeated: publishes are
-        # deduplicated by message id, the other scripts and XACK are idempotent, and entries
-        # of a repeated group read stay pending until claimed.
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        **options,
-    )
+    if parts.scheme in _CLUSTER_SCHEMES:
+        return _connect_cluster(parts, scheme, options)
+    # The URL's own options (query, credentials, database) win, as in ConnectionPool.from_url;
+    # the connection class is ours whatever the URL says, so that hiredis packs commands.
+    url_options: dict[str, Any] = dict(redis.asyncio.connection.parse_url(url))
+    pool = ConnectionPool(**(options | url_options | {"connection_class": _PACKING[scheme]}))
     return Redis(connection_pool=pool)
+
+
+def _connect_cluster(parts: SplitResult, scheme: str, options: dict[str, Any]) -> RedisCluster:
+    """A cluster client for a ``redis+cluster://`` URL (``scheme`` is its plain scheme).
+
+    Raises:
+        ConfigurationError: a database other than 0, or a malformed node address.
+    """
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    nodes = [_node_address(item) for item in hosts.split(",")]
+    # The credentials, database and query of the first node's plain URL are those of all.
+    host, port = nodes[0]
+    first = f"{userinfo}{at}[{host}]:{port}" if ":" in host else f"{userinfo}{at}{host}:{port}"
+    plain = urlunsplit(parts._replace(scheme=scheme, netloc=first))
+    url_options: dict[str, Any] = dict(redis.asyncio.connection.parse_url(plain))
+    for name in ("host", "port", "connection_class"):
+        url_options.pop(name, None)
+    if url_options.pop("db", 0) != 0:
+        raise ConfigurationError("a Redis Cluster has database 0 only: drop the /<db> part")
+    return _Cluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        connection_class=_TLSConnection if scheme == "rediss" else _TCPConnection,
+        ssl=scheme == "rediss",
+        **(options | url_options),
+    )
+
+
+def _node_address(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` (port 6379) as (host, port).
+
+    Raises:
+        ConfigurationError: an empty host or a port that is not a number from 1 to 65535.
+    """
+    host, port = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ConfigurationError(f"cluster node address {text!r} is not host:port")
+    return host, int(port) if port else _DEFAULT_PORT
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client with three changes.
+
+    Its node connections pack commands with hiredis. Failing to reach any node raises
+    ConnectionError like any other lost connection (redis-py raises RedisClusterException,
+    which is not a RedisError: neither its own retries nor streamstore's error translation
+    would see it). And a command redirected too often ("TTL exhausted") raises TryAgainError,
+    which streamstore treats as transient: redis-py 8.1 sends ASKING and the command it
+    precedes on two different pooled connections, so while a slot is being migrated every
+    command on a key already moved ping-pongs between the two nodes until it gives up. The
+    command is retried by streamstore (readers, the persister, ``publish`` within
+    ``max_block``) and succeeds once the slot is moved.
+    """
+
+    def __init__(
+        self,
+        *,
+        connection_class: type[redis.asyncio.connection.Connection],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        # RedisCluster picks Connection or SSLConnection itself; every node is built from
+        # these kwargs (the startup nodes already were).
+        self.connection_kwargs["connection_class"] = connection_class
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = connection_class
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> RedisCluster:
+        try:
+            return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+        except redis.exceptions.RedisClusterException as exc:
+            raise redis.exceptions.ConnectionError(str(exc)) from exc
+
+    async def execute_command(self, *args: EncodableT, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except redis.exceptions.ClusterError as exc:
+            if isinstance(exc, redis.exceptions.ResponseError):  # CLUSTERDOWN
+                raise
+            raise redis.exceptions.TryAgainError(
+                f"{exc} (redirected too often: the cluster is moving a slot)"
+            ) from exc
+
+
+def routed(client: Client, key: str) -> dict[str, Any]:
+    """Keyword arguments that send a command on ``key`` straight to the cluster node serving
+    it; empty for a single server.
+
+    Give them to XREAD and XREADGROUP: for those, redis-py's cluster client would otherwise
+    ask a node for the command's keys (COMMAND GETKEYS) before each call, a round trip more
+    through one node that then must be up.
+    """
+    if isinstance(client, RedisCluster):
+        return {"target_nodes": client.get_node_from_key(key)}
+    return {}
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a translated error means "try again soon": a lost connection, or a Redis
+    Cluster that is down (a node failed) or moving a slot, still so after redis-py's own
+    retries."""
+    if isinstance(error, ConnectionLostError):
+        return True
+    return isinstance(error, ServerError) and isinstance(
+        error.__cause__, redis.exceptions.ClusterDownError | redis.exceptions.TryAgainError
+    )
+
+
+async def used_memory(client: Client) -> int:
+    """Bytes of memory the server uses (summed over a cluster's primaries); 0 when this
+    user may not run INFO.
+
+    Raises:
+        redis.exceptions.RedisError: as the server or the connection raised it.
+    """
+    try:
+        infos = await _infos(client, "memory")
+    except redis.exceptions.NoPermissionError:
+        return 0
+    return sum(int(info.get("used_memory", 0)) for info in infos)
+
+
+async def _infos(client: Client, *section: str) -> list[dict[str, Any]]:
+    """INFO from the server, or from every primary of a cluster."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        return [await client.info(*section, target_nodes=node) for node in client.get_primaries()]
+    return [await client.info(*section)]
 
 
 class _HiredisPacking:
@@ -152,37 +319,63 @@ class _HiredisPacking:
         return [b"".join(self.pack_command(*command)[0] for command in commands)]
 
 
-class _TCPConnection(_HiredisPacking, redis.asyncio.connection.Connection):
+class _ClosedUnderUs(redis.asyncio.connection.AbstractConnection):
+    """Raises ConnectionError, to be retried like any lost connection, where redis-py 8.1
+    raises AttributeError: on a connection another task closed while this one was using it.
+    The cluster client does that: after a connection error or a redirection storm it closes
+    every connection to every node, those in use by other tasks included."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except AttributeError as exc:
+            raise redis.exceptions.ConnectionError("connection closed while sending") from exc
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except AttributeError as exc:
+            raise redis.exceptions.ConnectionError("connection closed while reading") from exc
+
+
+class _TCPConnection(_HiredisPacking, _ClosedUnderUs, redis.asyncio.connection.Connection):
     pass
 
 
-class _TLSConnection(_HiredisPacking, redis.asyncio.connection.SSLConnection):
+class _TLSConnection(_HiredisPacking, _ClosedUnderUs, redis.asyncio.connection.SSLConnection):
     pass
 
 
-class _UnixConnection(_HiredisPacking, redis.asyncio.connection.UnixDomainSocketConnection):
+class _UnixConnection(
+    _HiredisPacking, _ClosedUnderUs, redis.asyncio.connection.UnixDomainSocketConnection
+):
     pass
 
 
-def _connection_class(scheme: str) -> type[redis.asyncio.connection.AbstractConnection]:
-    if scheme == "rediss":
-        return _TLSConnection
-    if scheme == "unix":
-        return _UnixConnection
-    return _TCPConnection
+_PACKING: dict[str, type[redis.asyncio.connection.AbstractConnection]] = {
+    "redis": _TCPConnection,
+    "rediss": _TLSConnection,
+    "unix": _UnixConnection,
+}
+"""The connection class of each plain scheme."""
 
 
-async def check_server(client: Redis, settings: Settings, keys: Keyspace) -> ServerInfo:
+async def check_server(client: Client, settings: Settings, keys: Keyspace) -> ServerInfo:
     """Verify version, eviction policy and partition count before anything is written.
 
     Works with each role of ``deploy/users.acl``: a user that may not run INFO is checked by
     HELLO for the version, with a warning that the eviction policy was not verified; a user
     that may not write the deployment hash only reads the partition count (and warns when no
-    worker has recorded it yet). CONFIG is never used.
+    worker has recorded it yet). CONFIG is never used. On a cluster, every primary's INFO is
+    read: the oldest version counts, any node that may evict fails the check, and nodes that
+    disagree on the policy are reported.
 
     Raises:
         ConnectionLostError: the server cannot be reached, or the TLS handshake failed (the
-            message says why: untrusted certificate, host name mismatch, not a TLS port).
+            message says why: untrusted certificate, host name mismatch, not a TLS port, a
+            cluster URL for a server that is not in cluster mode).
         ServerError: the server refused the credentials, may not be asked its version, or is
             older than Redis 6.2; or this user may not read the deployment hash.
         EvictionPolicyError: ``maxmemory-policy`` is not ``noeviction`` and
@@ -212,11 +405,11 @@ async def check_server(client: Redis, settings: Settings, keys: Keyspace) -> Ser
     return ServerInfo(name, version, policy, appendonly)
 
 
-async def _describe(client: Redis) -> tuple[str, tuple[int, ...], str | None, bool | None]:
+async def _describe(client: Client) -> tuple[str, tuple[int, ...], str | None, bool | None]:
     """Name, version, eviction policy and AOF state from INFO; from HELLO (version only) when
     this user may not run INFO."""
     try:
-        info = await client.info()  # the default sections: server, memory, persistence, ...
+        infos = await _infos(client)  # the default sections: server, memory, cluster, ...
     except redis.exceptions.ResponseError as exc:  # NOPERM under a least-privilege ACL
         log.warning(
             "this Redis user may not run INFO (%s): the eviction policy and persistence are "
@@ -225,7 +418,7 @@ async def _describe(client: Redis) -> tuple[str, tuple[int, ...], str | None, bo
         )
         try:
             execute: Callable[..., Awaitable[object]] = client.execute_command
-            hello = await execute("HELLO", "2")
+            hello = await execute("HELLO", "2", **_any_node(client))
         except redis.exceptions.ResponseError as hello_exc:
             raise ServerError(
                 "cannot tell the server's version: this Redis user may run neither INFO nor "
@@ -234,19 +427,40 @@ async def _describe(client: Redis) -> tuple[str, tuple[int, ...], str | None, bo
         fields = _pairs(hello)
         name = _text(fields.get("server")) or "redis"
         return name, _version(_text(fields.get("version"))), None, None
-    name = "valkey" if "valkey_version" in info else "redis"
-    version = _version(str(info.get("valkey_version") or info.get("redis_version", "0")))
-    policy = info.get("maxmemory_policy")
-    aof = info.get("aof_enabled")
+    if not isinstance(client, RedisCluster) and any(i.get("cluster_enabled") for i in infos):
+        log.warning(
+            "%s is a node of a Redis Cluster: unless it serves every slot, name the cluster "
+            "with a redis+cluster://host:port[,host:port...] URL",
+            _address(client),
+        )
+    name = "valkey" if any("valkey_version" in info for info in infos) else "redis"
+    version = min(
+        _version(str(info.get("valkey_version") or info.get("redis_version", "0")))
+        for info in infos
+    )
+    policies = {str(info.get("maxmemory_policy")) for info in infos}
+    if len(policies) > 1:
+        log.warning("the cluster's primaries disagree on maxmemory-policy: %s", sorted(policies))
+    risky = sorted(policies - {"noeviction", "None"})
+    policy = risky[0] if risky else policies.pop()
+    aof = {str(info.get("aof_enabled")) for info in infos}
     return (
         name,
         version,
-        None if policy is None else str(policy),
-        None if aof is None else str(aof) == "1",
+        None if policy == "None" else policy,
+        None if aof == {"None"} else aof == {"1"},
     )
 
 
-async def _check_partitions(client: Redis, settings: Settings, keys: Keyspace) -> None:
+def _any_node(client: Client) -> dict[str, Any]:
+    """Keyword arguments sending a keyless command to one node (a cluster client refuses to
+    guess where HELLO goes)."""
+    if isinstance(client, RedisCluster):
+        return {"target_nodes": client.get_default_node()}
+    return {}
+
+
+async def _check_partitions(client: Client, settings: Settings, keys: Keyspace) -> None:
     """Compare the recorded partition count with ours; record it when it is absent (and this
     user may write it)."""
     recorded = await client.hget(keys.deployment, "partitions")
@@ -275,7 +489,7 @@ async def _check_partitions(client: Redis, settings: Settings, keys: Keyspace) -
 
 
 @contextlib.contextmanager
-def _first_contact(client: Redis) -> Iterator[None]:
+def _first_contact(client: Client) -> Iterator[None]:
     """Translate failures of the first round trip into errors that say what to fix."""
     where = _address(client)
     try:
@@ -289,11 +503,11 @@ def _first_contact(client: Redis) -> Iterator[None]:
                 "(give a role's user and password in the URL: redis://USER:PASSWORD@host)"
             ) from cause
         reason = _first_line(cause) if cause is not None else str(exc)
-        hint = _tls_hint(client, cause)
+        hint = _hint(client, cause)
         raise ConnectionLostError(f"cannot connect to {where}: {reason}{hint}") from cause
 
 
-def _tls_hint(client: Redis, cause: BaseException | None) -> str:
+def _hint(client: Client, cause: BaseException | None) -> str:
     tls = _is_tls(client)
     chain: list[BaseException] = []
     while cause is not None and len(chain) < 5:
@@ -303,6 +517,8 @@ def _tls_hint(client: Redis, cause: BaseException | None) -> str:
     verify_failed = any(isinstance(c, ssl.SSLCertVerificationError) for c in chain) or (
         "CERTIFICATE_VERIFY_FAILED" in text
     )
+    if "Cluster mode is not enabled" in text:
+        return " (this server is not in cluster mode: use a redis:// or rediss:// URL)"
     if tls and "mismatch" in text.lower():
         return (
             " (TLS: the server certificate does not name this host; connect with a host name "
@@ -322,17 +538,24 @@ def _tls_hint(client: Redis, cause: BaseException | None) -> str:
     return ""
 
 
-def _is_tls(client: Redis) -> bool:
-    connection_class = client.connection_pool.connection_class
-    return "SSL" in getattr(connection_class, "__name__", "")
+def _is_tls(client: Client) -> bool:
+    connection_class: Any
+    if isinstance(client, RedisCluster):
+        connection_class = client.get_connection_kwargs()["connection_class"]
+    else:
+        connection_class = client.connection_pool.connection_class
+    return issubclass(connection_class, redis.asyncio.connection.SSLConnection)
 
 
-def _address(client: Redis) -> str:
+def _address(client: Client) -> str:
+    scheme = "rediss" if _is_tls(client) else "redis"
+    if isinstance(client, RedisCluster):
+        nodes = ",".join(client.nodes_manager.startup_nodes)  # "host:port" names
+        return f"{scheme}+cluster://{nodes}"
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
-    scheme = "rediss" if _is_tls(client) else "redis"
-    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', _DEFAULT_PORT)}"
 
 
 def _pairs(reply: object) -> dict[str, object]:

@@ -4,6 +4,13 @@ Each consumer-group step is written once: create the group (idempotent, at ``0``
 is skipped), re-read our own pending entries, read new ones, claim entries of dead consumers,
 commit, acknowledge, advance watermarks and trim, dead-letter what cannot be decoded, recover
 from NOGROUP. History writes are idempotent, so every redelivery is absorbed.
+
+On one server, new entries of all feeds come from one blocking XREADGROUP. A Redis Cluster
+refuses a command on keys of several slots, and a blocking read of one feed would leave the
+others waiting, so there each feed is read without blocking, all in one pipeline (one round
+trip per node, the nodes in parallel), and when every feed is empty the persister pauses
+:data:`CLUSTER_IDLE_POLL` before reading again: that bounds the added latency, and an idle
+worker costs each node a few cheap reads per pause.
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import redis.exceptions
 from anyio.abc import TaskStatus
+from redis.asyncio import RedisCluster
 from redis.typing import EncodableT, FieldT
 
 from streamstore.codec import FeedEntry, decode_feed_entry
 from streamstore.config import PersisterSettings
+from streamstore.connection import routed
 from streamstore.errors import (
     BackpressureError,
     ConnectionLostError,
@@ -48,6 +58,9 @@ then kills itself with SIGKILL at that point of its first batch there."""
 
 COMMIT_DEADLINE = 30.0
 """How long a graceful stop waits for the batch in hand to commit and be acknowledged."""
+
+CLUSTER_IDLE_POLL = 0.05
+"""On a cluster, the pause after a read found every feed empty (capped by ``block``)."""
 
 Raw = tuple[str, bytes, dict[bytes, bytes]]
 """A feed entry as read: (feed key, entry id, fields)."""
@@ -110,6 +123,7 @@ class Persister:
         """
         self._store = store
         self._client = store.client
+        self._cluster = isinstance(store.client, RedisCluster)
         self._history = history if history is not None else store.history_store
         self._on_batch = on_batch
         self._keys = store.keys
@@ -254,21 +268,48 @@ class Persister:
             )
 
     async def _read(self, start: str, *, block_ms: int | None) -> list[Raw]:
-        """XREADGROUP on every feed: ``>`` for new entries, ``0`` for our own pending ones."""
-        streams = dict.fromkeys(self._keys.feeds(), start)
-        reply = await self._group_call(
-            self._client.xreadgroup,
-            GROUP,
-            self._consumer,
-            streams,
-            count=self._settings.batch_size,
-            block=block_ms,
-        )
+        """XREADGROUP on every feed: ``>`` for new entries, ``0`` for our own pending ones.
+        With ``block_ms``, waits that long for new entries when there are none (on a cluster:
+        at most :data:`CLUSTER_IDLE_POLL`)."""
+        if self._cluster:
+            reply = await self._group_call(self._read_each_feed, start)
+            if not reply and block_ms is not None:
+                await anyio.sleep(min(CLUSTER_IDLE_POLL, block_ms / 1000))
+        else:
+            reply = await self._group_call(
+                self._client.xreadgroup,
+                GROUP,
+                self._consumer,
+                dict.fromkeys(self._keys.feeds(), start),
+                count=self._settings.batch_size,
+                block=block_ms,
+            )
         out: list[Raw] = []
         for feed, entries in reply or []:
             name = feed.decode()
             out.extend((name, entry_id, fields) for entry_id, fields in entries if fields)
         return out
+
+    async def _read_each_feed(self, start: str) -> list[Any]:
+        """One XREADGROUP per feed, without blocking, in one pipeline (for a cluster): up to
+        ``batch_size`` entries from each. A failure on one node raises after the others were
+        read: what they delivered stays pending for us, re-read at our next recovery."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for feed in self._keys.feeds():
+                pipe.execute_command(
+                    "XREADGROUP",
+                    "GROUP",
+                    GROUP,
+                    self._consumer,
+                    "COUNT",
+                    self._settings.batch_size,
+                    "STREAMS",
+                    feed,
+                    start,
+                    **routed(self._client, feed),
+                )
+            replies: list[Any] = await pipe.execute()
+        return [stream for reply in replies for stream in reply or []]
 
     async def _reprocess_own_pending(self) -> None:
         """Entries delivered to this consumer but never acknowledged (we crashed or failed)."""
@@ -396,12 +437,18 @@ class Persister:
         raise error
 
     async def _dead_letter(self, poison: list[_Poison]) -> None:
-        """Copy entries with their reason to the dead-letter stream, then acknowledge them."""
+        """Copy entries with their reason to the dead-letter stream, then acknowledge them
+        (in one MULTI on one server; on a cluster, whose dead-letter stream lives in another
+        slot than the feeds, the copies first and the acknowledgements after: a failure in
+        between dead-letters an entry twice, never not at all)."""
         with translate_redis_errors():
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._client.pipeline(transaction=not self._cluster) as pipe:
                 for feed, entry_id, fields, reason in poison:
                     record = _dead_letter_record(feed, entry_id, fields, reason)
                     pipe.xadd(self._keys.dead_letters, record)
+                if self._cluster:
+                    await pipe.execute()
+                for feed, entry_id, _, _ in poison:
                     pipe.xack(feed, GROUP, entry_id)
                 await pipe.execute()
         self.stats.dead_lettered += len(poison)
@@ -415,23 +462,34 @@ class Persister:
             )
 
     async def _acknowledge(self, batch: _Batch) -> None:
-        """XACK the committed entries, raise watermarks and trim (one round trip)."""
+        """XACK the committed entries, raise watermarks and trim (one round trip, per node on
+        a cluster). A server that lost the scripts (restarted) gets them and the whole
+        pipeline again: both steps are idempotent."""
         now_ms = int(time.time() * 1000)
         hot_ms = int(self._store.settings.hot_tail_s * 1000)
         with translate_redis_errors():
-            async with self._client.pipeline(transaction=False) as pipe:
-                for feed, ids in batch.ids.items():
-                    pipe.xack(feed, GROUP, *ids)
-                    marks = batch.marks.get(feed, {})
-                    await self._scripts.advance(
-                        self._keys,
-                        self._partition_of[feed],
-                        now_ms=now_ms,
-                        hot_ms=hot_ms,
-                        marks=[(sid, mark, feed_id) for sid, (mark, feed_id) in marks.items()],
-                        client=pipe,
-                    )
-                await pipe.execute()
+            for attempt in range(2):
+                try:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for feed, ids in batch.ids.items():
+                            pipe.xack(feed, GROUP, *ids)
+                            marks = batch.marks.get(feed, {})
+                            self._scripts.queue_advance(
+                                pipe,
+                                self._keys,
+                                self._partition_of[feed],
+                                now_ms=now_ms,
+                                hot_ms=hot_ms,
+                                marks=[
+                                    (sid, mark, feed_id) for sid, (mark, feed_id) in marks.items()
+                                ],
+                            )
+                        await pipe.execute()
+                    return
+                except redis.exceptions.NoScriptError:
+                    if attempt:
+                        raise
+                    await self._scripts.load(self._client)
 
     def _maybe_crash(self, point: str) -> None:
         if self._crash_point == point:

@@ -16,11 +16,16 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-from redis.asyncio import Redis
 
 from streamstore.codec import F_DATA, decode_message
 from streamstore.config import Settings
-from streamstore.errors import ConnectionLostError, CorruptEntryError, translate_redis_errors
+from streamstore.connection import Client, is_transient, routed
+from streamstore.errors import (
+    ConnectionLostError,
+    CorruptEntryError,
+    ServerError,
+    translate_redis_errors,
+)
 from streamstore.history import HistoryStore
 from streamstore.keys import Keyspace
 from streamstore.models import STREAM_START, Message, SessionState, StreamId
@@ -42,7 +47,7 @@ class SessionReader:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         scripts: Scripts,
         history: HistoryStore,
         keys: Keyspace,
@@ -150,8 +155,19 @@ class SessionReader:
         block_ms = max(1, int(self._settings.block_s * 1000))
 
         async def read() -> list[Any]:
+            # Both keys are in one slot: on a cluster too, one round trip to one node.
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.xread({keys.stream: str(cursor)}, count=PAGE, block=block_ms)
+                pipe.execute_command(
+                    "XREAD",
+                    "COUNT",
+                    PAGE,
+                    "BLOCK",
+                    block_ms,
+                    "STREAMS",
+                    keys.stream,
+                    str(cursor),
+                    **routed(self._client, keys.stream),
+                )
                 pipe.hmget(keys.meta, "floor", "state")
                 result: list[Any] = await pipe.execute()
                 return result
@@ -183,17 +199,18 @@ class SessionReader:
         return out
 
     async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
-        """Run a read, retrying lost connections with backoff for ``reconnect_timeout``."""
+        """Run a read, retrying lost connections (and a cluster that is down or moving a
+        slot) with backoff for ``reconnect_timeout``."""
         deadline = time.monotonic() + self._settings.reconnect_timeout_s
         delay = 0.05
         while True:
             try:
                 with translate_redis_errors():
                     return await call()
-            except ConnectionLostError:
-                if time.monotonic() + delay > deadline:
+            except (ConnectionLostError, ServerError) as exc:
+                if not is_transient(exc) or time.monotonic() + delay > deadline:
                     raise
-                log.info("connection lost while reading; retrying in %.2f s", delay)
+                log.info("%s while reading; retrying in %.2f s", exc, delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

@@ -1,8 +1,10 @@
 """The server-side Lua scripts, loaded once per client and called by SHA.
 
 redis-py's ``Script`` objects reload a script transparently when the server answers NOSCRIPT
-(after a restart or SCRIPT FLUSH), in plain calls and in pipelines alike. The methods here lay
-out each script's KEYS and ARGV in one place.
+(after a restart or SCRIPT FLUSH) in plain calls; a script queued in a pipeline is sent as a
+bare EVALSHA (a cluster pipeline takes no other form), and whoever executes the pipeline loads
+the scripts (:meth:`Scripts.load`) and sends it again on NOSCRIPT. The methods here lay out each
+script's KEYS and ARGV in one place.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 
+from streamstore.connection import Client
 from streamstore.keys import GROUP, Keyspace
 from streamstore.models import StreamId
 
 __all__ = ["Scripts"]
 
 
-def _load(client: Redis, name: str) -> AsyncScript:
+def _load(client: Client, name: str) -> AsyncScript:
     source = resources.files("streamstore").joinpath("lua", f"{name}.lua").read_text("utf-8")
     return client.register_script(source)
 
@@ -40,7 +43,7 @@ class Scripts:
     _reap_consumer: AsyncScript
 
     @classmethod
-    def register(cls, client: Redis) -> Scripts:
+    def register(cls, client: Client) -> Scripts:
         """Register every script on ``client`` (no round trip until first use)."""
         return cls(
             publish=_load(client, "publish"),
@@ -52,30 +55,44 @@ class Scripts:
             _reap_consumer=_load(client, "reap_consumer"),
         )
 
-    async def advance(
+    async def load(self, client: Client) -> None:
+        """SCRIPT LOAD every script (on a cluster: on every primary).
+
+        Raises:
+            redis.exceptions.RedisError: as the server or the connection raised it.
+        """
+        for script in (
+            self.publish,
+            self.create_session,
+            self.read_tail,
+            self._advance,
+            self._end_session,
+            self._retire,
+            self._reap_consumer,
+        ):
+            await client.script_load(script.script)
+
+    async def advance(self, keys: Keyspace, partition: int, *, now_ms: int, hot_ms: int) -> Any:
+        """Apply a partition's deferred watermarks, trim its session streams and its feed
+        (see advance.lua)."""
+        call_keys, args = _advance_call(keys, partition, now_ms, hot_ms, ())
+        return await self._advance(keys=call_keys, args=args)
+
+    def queue_advance(
         self,
+        pipe: Pipeline | ClusterPipeline,
         keys: Keyspace,
         partition: int,
         *,
         now_ms: int,
         hot_ms: int,
-        marks: Sequence[tuple[str, StreamId, bytes]] = (),
-        client: Redis | Pipeline | None = None,
-    ) -> Any:
-        """Raise watermarks from ``marks`` (session, newest stream id, its feed id), apply
-        deferred ones, trim session streams and the feed (see advance.lua)."""
-        args: list[Any] = [
-            GROUP,
-            now_ms,
-            hot_ms,
-            keys.meta_prefix(partition),
-            keys.stream_prefix(partition),
-        ]
-        for session_id, mark, feed_id in marks:
-            args += [session_id, str(mark), feed_id]
-        return await self._advance(
-            keys=[keys.feed(partition), keys.deferred(partition)], args=args, client=client
-        )
+        marks: Sequence[tuple[str, StreamId, bytes]],
+    ) -> None:
+        """Queue :meth:`advance` in ``pipe``, raising watermarks from ``marks`` (session,
+        newest stream id, its feed id) first; its reply is NoScriptError when the server
+        lacks the script (then :meth:`load` and send the pipeline again)."""
+        call_keys, args = _advance_call(keys, partition, now_ms, hot_ms, marks)
+        pipe.execute_command("EVALSHA", self._advance.sha, len(call_keys), *call_keys, *args)
 
     async def end_session(
         self,
@@ -125,3 +142,23 @@ class Scripts:
         return await self._reap_consumer(
             keys=[keys.feed(partition)], args=[GROUP, consumer, idle_ms]
         )
+
+
+def _advance_call(
+    keys: Keyspace,
+    partition: int,
+    now_ms: int,
+    hot_ms: int,
+    marks: Sequence[tuple[str, StreamId, bytes]],
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of advance.lua."""
+    args: list[Any] = [
+        GROUP,
+        now_ms,
+        hot_ms,
+        keys.meta_prefix(partition),
+        keys.stream_prefix(partition),
+    ]
+    for session_id, mark, feed_id in marks:
+        args += [session_id, str(mark), feed_id]
+    return [keys.feed(partition), keys.deferred(partition)], args

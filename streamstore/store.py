@@ -14,16 +14,24 @@ from urllib.parse import urlsplit
 import anyio
 import orjson
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from streamstore.coalescer import ScriptCoalescer
 from streamstore.codec import decode_session_meta, encode_message, encode_metadata, encode_session
 from streamstore.config import Settings
-from streamstore.connection import ServerInfo, check_server, connect
+from streamstore.connection import (
+    Client,
+    ServerInfo,
+    check_server,
+    connect,
+    is_transient,
+    used_memory,
+)
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import (
     BackpressureError,
     MessageTooLargeError,
+    ServerError,
     SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
@@ -65,7 +73,7 @@ class StreamStore:
         self,
         *,
         settings: Settings,
-        client: Redis,
+        client: Client,
         history: HistoryStore,
         server: ServerInfo,
         url: str,
@@ -131,8 +139,9 @@ class StreamStore:
         return self._history
 
     @property
-    def client(self) -> Redis:
-        """The redis-py client (shared with a persister running in this process)."""
+    def client(self) -> Client:
+        """The redis-py client (shared with a persister running in this process): a
+        ``RedisCluster`` for a ``redis+cluster://`` URL."""
         return self._client
 
     # -- sessions ---------------------------------------------------------------------------
@@ -308,8 +317,11 @@ class StreamStore:
             MessageTooLargeError: the encoded message exceeds ``max_message_bytes``.
             SessionNotFoundError: no live session has this id.
             SessionClosedError: the session is closed or deleted.
-            BackpressureError: the server is out of memory.
+            BackpressureError: the server is out of memory, or persistence lags (after
+                waiting ``max_block``).
             ConnectionLostError: the server cannot be reached.
+            ServerError: the server refused the script; on a cluster, also a cluster still
+                down or still moving the session's slot after ``max_block``.
         """
         spec = {
             "sender": sender,
@@ -333,8 +345,8 @@ class StreamStore:
         Raises:
             ValidationError: an item is malformed (nothing is written).
             MessageTooLargeError: an item is too large (nothing is written).
-            SessionNotFoundError, SessionClosedError, BackpressureError, ConnectionLostError:
-                as for :meth:`publish`.
+            SessionNotFoundError, SessionClosedError, BackpressureError, ConnectionLostError,
+            ServerError: as for :meth:`publish`.
         """
         validate_session_id(session_id)
         drafts = [self._draft(session_id, spec) for spec in messages]
@@ -346,9 +358,10 @@ class StreamStore:
             try:
                 reply = await self._publish_once(session_id, drafts)
                 break
-            except BackpressureError:
+            except (BackpressureError, ServerError) as exc:
+                # a full or lagging partition, or a cluster that is down or moving a slot
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (isinstance(exc, ServerError) and not is_transient(exc)):
                     raise
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
@@ -430,8 +443,8 @@ class StreamStore:
             ConnectionLostError: the server cannot be reached.
         """
         with translate_redis_errors():
+            memory = await used_memory(self._client)  # INFO: not in a cluster's pipelines
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.info("memory")
                 pipe.xlen(self.keys.dead_letters)
                 pipe.hget(self.keys.deployment, "data_lost_at")
                 for p in range(self.keys.partitions):
@@ -439,18 +452,18 @@ class StreamStore:
                     pipe.xinfo_stream(self.keys.feed(p))
                     pipe.xinfo_groups(self.keys.feed(p))
                 replies = await pipe.execute(raise_on_error=False)
-        memory, dead, lost = replies[0], replies[1], replies[2]
+        dead, lost = replies[0], replies[1]
         partitions = []
         live = 0
         for p in range(self.keys.partitions):
-            cardinality, stream, groups = replies[3 + 3 * p : 6 + 3 * p]
+            cardinality, stream, groups = replies[2 + 3 * p : 5 + 3 * p]
             live += cardinality
             partitions.append(_partition_stats(p, stream, groups))
         return DeploymentStats(
             server=self.server.name,
             server_version=".".join(map(str, self.server.version)),
             maxmemory_policy=self.server.maxmemory_policy,
-            used_memory=int(memory.get("used_memory", 0)) if isinstance(memory, dict) else 0,
+            used_memory=memory,
             live_sessions=live,
             dead_letters=int(dead) if isinstance(dead, int) else 0,
             max_lag=self.settings.max_lag,
@@ -484,8 +497,11 @@ class StreamStore:
             dead = _dead_letter(*found[0])
             if dead.feed not in self.keys.feeds() or not dead.fields:
                 raise ValidationError(f"dead letter {entry} cannot be requeued (no original)")
-            async with self._client.pipeline(transaction=True) as pipe:
+            cluster = isinstance(self._client, RedisCluster)
+            async with self._client.pipeline(transaction=not cluster) as pipe:
                 pipe.xadd(dead.feed, cast("dict[Any, Any]", dead.fields))
+                if cluster:  # the feed and the dead letters are in two slots: no MULTI
+                    await pipe.execute()  # requeued first: a failure now repeats, never loses
                 pipe.xdel(self.keys.dead_letters, entry)
                 await pipe.execute()
         return True

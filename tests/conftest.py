@@ -13,6 +13,7 @@ import redis.asyncio
 
 from streamstore import Settings, StreamStore
 from streamstore.embedded import EmbeddedServer
+from tests.cluster import LocalCluster
 from tests.faults.tally import Tally
 
 SYSTEM_REDIS = os.environ.get("STREAMSTORE_TEST_REDIS_URL")
@@ -25,6 +26,18 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedd
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real three-master Redis Cluster for the whole run (tests/cluster.py), started on
+    first use."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(
