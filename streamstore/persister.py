@@ -185,6 +185,12 @@ class Persister:
                     await self._reprocess_own_pending()
                     recover = False
                 if time.monotonic() >= next_claim:
+                    # Between batches nothing is in hand, so any entry pending for this
+                    # consumer is one whose delivery was lost: a read that the client resent
+                    # after its reply was cut off (a timeout, a killed connection) leaves the
+                    # first delivery pending here. Take those back now rather than after
+                    # claim_idle.
+                    await self._reprocess_own_pending()
                     await self._claim_idle()
                     next_claim = time.monotonic() + self._settings.claim_interval_s
                 batch = await self._read(">", block_ms=block_ms)
