@@ -508,7 +508,7 @@ class StreamStore:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def subscribe(
+    def subscribe(
         self,
         session_id: str,
         *,
@@ -523,14 +523,9 @@ class StreamStore:
             SessionNotFoundError: the session is unknown.
             ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
         """
-        start = await self._resolve(session_id, after)
-        messages = self._reader.follow(session_id, after=start, follow=True)
-        async with contextlib.aclosing(messages):
-            async for message in messages:
-                if recipient is None or message.is_for(recipient):
-                    yield message
+        return self._read(session_id, after, follow=True, recipient=recipient)
 
-    async def replay(
+    def replay(
         self,
         session_id: str,
         *,
@@ -546,7 +541,13 @@ class StreamStore:
             SessionNotFoundError: the session is unknown.
             ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
         """
-        start = await self._resolve(session_id, after if after is not None else STREAM_START)
+        start = after if after is not None else STREAM_START
+        return self._read(session_id, start, follow=follow, recipient=recipient)
+
+    async def _read(
+        self, session_id: str, after: Cursor, *, follow: bool, recipient: str | None
+    ) -> AsyncGenerator[Message, None]:
+        start = await self._resolve(session_id, after)
         messages = self._reader.follow(session_id, after=start, follow=follow)
         async with contextlib.aclosing(messages):
             async for message in messages:
