@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any, Final
 
 import anyio.lowlevel
 import orjson
 
-from streamstore.errors import HistoryError, ValidationError
+from streamstore.errors import HistoryError
 from streamstore.history import RetentionResult
+from streamstore.history.rows import check_retention_limits
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["MemoryHistory"]
@@ -217,7 +217,7 @@ class MemoryHistory:
             HistoryError: not open.
         """
         await anyio.lowlevel.checkpoint()
-        _check_retention_limits(older_than, max_messages_per_session, max_sessions)
+        check_retention_limits(older_than, max_messages_per_session, max_sessions)
         self._require_open()
         messages = sessions = 0
         if max_sessions is not None:
@@ -321,25 +321,6 @@ class MemoryHistory:
             last_stream_id=last,
         )
         self._sessions[session_id] = (session, metadata)
-
-
-def _check_retention_limits(
-    older_than: float | None, max_messages_per_session: int | None, max_sessions: int | None
-) -> None:
-    if older_than is not None and (
-        isinstance(older_than, bool)
-        or not isinstance(older_than, int | float)
-        or math.isnan(older_than)
-    ):
-        raise ValidationError("older_than must be a timestamp in seconds")
-    for name, value in (
-        ("max_messages_per_session", max_messages_per_session),
-        ("max_sessions", max_sessions),
-    ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValidationError(f"{name} must be a whole number")
-        if value is not None and value < 0:
-            raise ValidationError(f"{name} must be 0 or more, got {value}")
 
 
 def _freeze_message(message: Message) -> tuple[Message, bytes | None]:

@@ -33,9 +33,9 @@ from streamstore.errors import (
     HistoryCorruptError,
     HistoryError,
     HistoryUnavailableError,
-    ValidationError,
 )
 from streamstore.history import RetentionResult
+from streamstore.history.rows import check_retention_limits, session_from_row
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["DEFAULT_SCHEMA", "SCHEMA_VERSION", "PostgresHistory"]
@@ -489,7 +489,7 @@ class PostgresHistory:
             HistoryError: not open, or PostgreSQL failed.
         """
         records = await self._read(_fetch, self._sql.get_session, session_id)
-        return _session_from_record(records[0]) if records else None
+        return session_from_row(records[0]) if records else None
 
     async def list_sessions(self, *, after: str | None = None, limit: int = 100) -> list[Session]:
         """Catalog entries ordered by session id (byte order), starting after ``after``.
@@ -504,7 +504,7 @@ class PostgresHistory:
         records = await self._read(
             _fetch, self._sql.list_sessions, "" if after is None else after, min(limit, _MAX_INT64)
         )
-        return [_session_from_record(record) for record in records]
+        return [session_from_row(record) for record in records]
 
     async def count_messages(self, session_id: str | None = None) -> int:
         """How many messages are stored, in one session or in all (counted, not estimated:
@@ -542,7 +542,7 @@ class PostgresHistory:
                 chunks committed before stay deleted.
             HistoryError: not open, or PostgreSQL failed.
         """
-        _check_retention_limits(older_than, max_messages_per_session, max_sessions)
+        check_retention_limits(older_than, max_messages_per_session, max_sessions)
         self._require_pool()
         messages = sessions = 0
         if max_sessions is not None:
@@ -968,51 +968,6 @@ def _message_from_record(record: asyncpg.Record) -> Message:
         timestamp=timestamp,
         stream_id=StreamId(ms, seq),
     )
-
-
-def _session_from_record(record: asyncpg.Record) -> Session:
-    (
-        session_id,
-        participants,
-        created_at,
-        last_active_at,
-        ttl,
-        metadata,
-        state,
-        message_count,
-        last_ms,
-        last_seq,
-    ) = record
-    return Session(
-        id=session_id,
-        participants=tuple(orjson.loads(participants)),
-        created_at=created_at,
-        last_active_at=last_active_at,
-        ttl=ttl,
-        metadata=orjson.loads(metadata),
-        state=SessionState(state),
-        message_count=message_count,
-        last_stream_id=None if last_ms is None else StreamId(last_ms, last_seq),
-    )
-
-
-def _check_retention_limits(
-    older_than: float | None, max_messages_per_session: int | None, max_sessions: int | None
-) -> None:
-    if older_than is not None and (
-        isinstance(older_than, bool)
-        or not isinstance(older_than, int | float)
-        or math.isnan(older_than)
-    ):
-        raise ValidationError("older_than must be a timestamp in seconds")
-    for name, value in (
-        ("max_messages_per_session", max_messages_per_session),
-        ("max_sessions", max_sessions),
-    ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValidationError(f"{name} must be a whole number")
-        if value is not None and value < 0:
-            raise ValidationError(f"{name} must be 0 or more, got {value}")
 
 
 def _clamp(value: int) -> int:

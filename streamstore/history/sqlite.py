@@ -28,9 +28,9 @@ from streamstore.errors import (
     HistoryCorruptError,
     HistoryError,
     HistoryUnavailableError,
-    ValidationError,
 )
 from streamstore.history import RetentionResult
+from streamstore.history.rows import check_retention_limits, session_from_row
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["SCHEMA_VERSION", "SQLiteHistory"]
@@ -434,7 +434,7 @@ class SQLiteHistory:
             HistoryError: not open, or SQLite failed.
         """
         rows = await self._run(False, _fetch_all, _GET_SESSION, (session_id,))
-        return _session_from_row(rows[0]) if rows else None
+        return session_from_row(rows[0]) if rows else None
 
     async def list_sessions(self, *, after: str | None = None, limit: int = 100) -> list[Session]:
         """Catalog entries ordered by session id, starting after ``after``.
@@ -447,7 +447,7 @@ class SQLiteHistory:
             return []
         params = ("" if after is None else after, limit)
         rows = await self._run(False, _fetch_all, _LIST_SESSIONS, params)
-        return [_session_from_row(row) for row in rows]
+        return [session_from_row(row) for row in rows]
 
     async def count_messages(self, session_id: str | None = None) -> int:
         """How many messages are stored, in one session or in all.
@@ -483,7 +483,7 @@ class SQLiteHistory:
             HistoryError: not open, the database stayed locked for longer than
                 ``busy_timeout``, or SQLite failed; the chunks committed before stay deleted.
         """
-        _check_retention_limits(older_than, max_messages_per_session, max_sessions)
+        check_retention_limits(older_than, max_messages_per_session, max_sessions)
         self._connection(write=True)
         messages = sessions = 0
         if max_sessions is not None:
@@ -867,25 +867,6 @@ def _remove_sessions_sync(
     return deleted, done, removed
 
 
-def _check_retention_limits(
-    older_than: float | None, max_messages_per_session: int | None, max_sessions: int | None
-) -> None:
-    if older_than is not None and (
-        isinstance(older_than, bool)
-        or not isinstance(older_than, int | float)
-        or math.isnan(older_than)
-    ):
-        raise ValidationError("older_than must be a timestamp in seconds")
-    for name, value in (
-        ("max_messages_per_session", max_messages_per_session),
-        ("max_sessions", max_sessions),
-    ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValidationError(f"{name} must be a whole number")
-        if value is not None and value < 0:
-            raise ValidationError(f"{name} must be 0 or more, got {value}")
-
-
 # A message row: (session_id, stream_ms, stream_seq, message_id, sender, recipient, content,
 # metadata, timestamp), the order of _INSERT_MESSAGE's parameters.
 _POSITION: Final = operator.itemgetter(0, 1, 2)
@@ -998,32 +979,6 @@ def _message_from_row(row: tuple[Any, ...]) -> Message:
         metadata=None if metadata is None else orjson.loads(metadata),
         timestamp=timestamp,
         stream_id=StreamId(ms, seq),
-    )
-
-
-def _session_from_row(row: tuple[Any, ...]) -> Session:
-    (
-        session_id,
-        participants,
-        created_at,
-        last_active_at,
-        ttl,
-        metadata,
-        state,
-        message_count,
-        last_ms,
-        last_seq,
-    ) = row
-    return Session(
-        id=session_id,
-        participants=tuple(orjson.loads(participants)),
-        created_at=created_at,
-        last_active_at=last_active_at,
-        ttl=ttl,
-        metadata=orjson.loads(metadata),
-        state=SessionState(state),
-        message_count=message_count,
-        last_stream_id=None if last_ms is None else StreamId(last_ms, last_seq),
     )
 
 
