@@ -260,3 +260,38 @@ async def test_out_of_memory_server_gives_backpressure_and_loses_nothing(
             assert stored == {m.id for m in acknowledged}
     finally:
         server.stop()
+
+
+async def test_sweep_racing_publishes_closes_cleanly(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    """The sweeper closes a session (its deadline faked past) while 4 producers publish to it:
+    every acknowledged message reaches history once, and nothing is acknowledged after the
+    close."""
+    session = await store.create_session(["a"], ttl=10)
+    acknowledged: list[Message] = []
+    refused = 0
+
+    async def producer(n: int) -> None:
+        nonlocal refused
+        for i in range(10_000):
+            try:
+                acknowledged.append(await store.publish(session.id, sender=f"p{n}", content=f"{i}"))
+            except SessionClosedError:
+                refused += 1
+                return
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(producer, n)
+        await anyio.sleep(0.2)
+        report = await sweeper(store).sweep_once(now=time.time() + 3600)
+    assert report.closed == 1
+    assert refused == 4
+    feed = store.keys.session(session.id).feed
+    mine = [f for _, f in await raw.xrange(feed) if f[b"s"] == session.id.encode()]
+    assert mine[-1][b"k"] == b"s"  # the close is the session's last feed entry
+    await drain(store)
+    stored = await store.history_store.read(session.id, limit=100_000)
+    assert sorted(m.id for m in stored) == sorted(m.id for m in acknowledged)
+    assert (await store.history_store.get_session(session.id)).state is SessionState.CLOSED  # type: ignore[union-attr]
