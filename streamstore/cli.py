@@ -24,6 +24,7 @@ import orjson
 
 from streamstore.cli_types import positive_int
 from streamstore.config import PersisterSettings, Settings, SweeperSettings
+from streamstore.connection import redact_url
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import (
     ConnectionLostError,
@@ -82,11 +83,11 @@ exit status: 0 ok, 1 a streamstore error (one line on stderr), 2 bad usage,
 
 _CHECK_EPILOG = """\
 Unhealthy (exit 3): the server cannot be reached or opened, its maxmemory-policy may evict
-keys, the history store fails, or a partition's backlog is at or over the high-water mark
-(max_lag: publishes there block, then fail - is a worker running?).
+keys, the history store fails, a partition's backlog is at or over the high-water mark
+(max_lag: publishes there block, then fail - is a worker running?), or a worker found that the
+server had lost its data (until `--acknowledge-data-loss`).
 Warnings only (exit 0): dead letters (isolated entries that block nothing but need a look:
-`streamstore dead-letters list`), a past loss of the server's data, append-only persistence
-off, CONFIG not readable.
+`streamstore dead-letters list`), append-only persistence off, INFO not permitted.
 """
 
 
@@ -247,12 +248,17 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("id", metavar="ID")
 
     command("stats", "feeds, lag, sessions, dead letters and server memory", _stats, data=True)
-    command(
+    check = command(
         "check",
         "exit 0 if the deployment is healthy, 3 if not",
         _check,
         data=True,
         epilog=_CHECK_EPILOG,
+    )
+    check.add_argument(
+        "--acknowledge-data-loss",
+        action="store_true",
+        help="clear the record of a past loss of the server's data (after reviewing it)",
     )
 
     dead = command("dead-letters", "list or requeue entries the persister could not store")
@@ -645,11 +651,12 @@ async def _check(args: argparse.Namespace) -> int:
     try:
         async with _open(args) as store:
             summary = (
-                f"{store.server.name} {'.'.join(map(str, store.server.version))} at {store.url}"
+                f"{store.server.name} {'.'.join(map(str, store.server.version))} at "
+                f"{redact_url(store.url)}"
             )
             policy = store.server.maxmemory_policy
             if policy is None:
-                warnings.append("cannot read the server's CONFIG: eviction policy not verified")
+                warnings.append("this user may not run INFO: eviction policy not verified")
             elif policy != "noeviction":  # reached when eviction_check is "warn"
                 reasons.append(f"maxmemory-policy is {policy!r}: the server may evict streams")
             if store.server.appendonly is False:
@@ -663,10 +670,13 @@ async def _check(args: argparse.Namespace) -> int:
                     f"partition {partition} holds {backlog} entries, at or over the high-water "
                     f"mark {stats.max_lag}: publishes there block (is a worker running?)"
                 )
-            if stats.data_lost_at is not None:
-                warnings.append(
+            if stats.data_lost_at is not None and args.acknowledge_data_loss:
+                await store.acknowledge_data_loss()
+            elif stats.data_lost_at is not None:
+                reasons.append(
                     f"the server lost its data at {_time(stats.data_lost_at)}: messages it had "
-                    "acknowledged and not yet persisted then are gone"
+                    "acknowledged and not yet persisted then are gone (once reviewed: "
+                    "`streamstore check --acknowledge-data-loss`)"
                 )
             if stats.dead_letters:
                 warnings.append(

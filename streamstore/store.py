@@ -471,6 +471,16 @@ class StreamStore:
             data_lost_at=float(lost) if isinstance(lost, bytes) else None,
         )
 
+    async def acknowledge_data_loss(self) -> None:
+        """Clear the record of a past loss of the server's data (``stats().data_lost_at``),
+        once an operator has reviewed it.
+
+        Raises:
+            ConnectionLostError: the server cannot be reached.
+        """
+        with translate_redis_errors():
+            await self._client.hdel(self.keys.deployment, "data_lost_at")
+
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         """The oldest dead-lettered entries, with their reasons.
 

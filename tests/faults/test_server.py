@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from streamstore import Message, Persister, PersisterSettings, Settings, StreamStore
@@ -54,6 +56,17 @@ async def test_restart_without_persistence_is_detected_and_the_pipeline_recovers
             await persister.drain()
             stored = await store.history_store.read(session.id, limit=1000)
             stored += await store.history_store.read(again.id, limit=1000)
+        check = [
+            sys.executable, "-m", "streamstore", "--redis-url", server.url,
+            "--history-url", settings.history_url, "--key-prefix", key_prefix,
+            "--partitions", "2", "check",
+        ]  # fmt: skip
+        unhealthy = await anyio.run_process(check, check=False)
+        assert unhealthy.returncode == 3, unhealthy.stdout
+        assert b"lost its data" in unhealthy.stdout
+        reviewed = await anyio.run_process([*check, "--acknowledge-data-loss"], check=False)
+        assert reviewed.returncode == 0, reviewed.stdout
+        assert (await anyio.run_process(check, check=False)).returncode == 0
     finally:
         server.stop()
     counts.count(persisted + unpersisted + after, stored)
