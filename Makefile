@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check streamstore tests
-	$(BIN)/ruff format --check streamstore tests
+	$(BIN)/ruff check streamstore tests scripts
+	$(BIN)/ruff format --check streamstore tests scripts
 	$(BIN)/mypy
 
 reliability: $(STAMP)
