@@ -338,10 +338,13 @@ async def test_count_messages(store: HistoryStore) -> None:
 async def assert_counts_exact(store: HistoryStore) -> None:
     """Every catalog count is what the session holds, and they add up to the total."""
     total = 0
-    for session in await store.list_sessions(limit=1000):
-        held = len(await store.read(session.id, limit=1000))
-        assert session.message_count == held == await store.count_messages(session.id)
-        total += held
+    after: str | None = None
+    while page := await store.list_sessions(after=after, limit=1000):
+        for session in page:
+            held = len(await store.read(session.id, limit=100_000))
+            assert session.message_count == held == await store.count_messages(session.id)
+            total += held
+        after = page[-1].id
     assert await store.count_messages() == total
 
 

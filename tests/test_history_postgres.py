@@ -45,6 +45,7 @@ from streamstore.history.memory import MemoryHistory  # noqa: E402
 from streamstore.history.postgres import SCHEMA_VERSION, PostgresHistory  # noqa: E402
 from streamstore.history.sqlite import SQLiteHistory  # noqa: E402
 from streamstore.models import Message, Session, SessionState, StreamId, new_message_id  # noqa: E402
+from tests.test_history import assert_counts_exact, message  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("STREAMSTORE_TEST_POSTGRES_URL", "")
@@ -105,40 +106,6 @@ async def opened(url: str) -> AsyncIterator[PostgresHistory]:
         yield history
     finally:
         await history.close()
-
-
-def message(
-    session_id: str,
-    ms: int,
-    seq: int = 0,
-    *,
-    id: str | None = None,
-    content: str = "hello",
-    timestamp: float | None = None,
-    **fields: Any,
-) -> Message:
-    return Message(
-        id=id or new_message_id(),
-        session_id=session_id,
-        sender=fields.pop("sender", "agent-1"),
-        content=content,
-        timestamp=float(ms) / 1000 if timestamp is None else timestamp,
-        stream_id=StreamId(ms, seq),
-        **fields,
-    )
-
-
-async def assert_counts_exact(store: HistoryStore) -> None:
-    """Every catalog count is what the session holds, and they add up to the total."""
-    total = 0
-    after: str | None = None
-    while page := await store.list_sessions(after=after, limit=1000):
-        for session in page:
-            held = len(await store.read(session.id, limit=100_000))
-            assert session.message_count == held == await store.count_messages(session.id)
-            total += held
-        after = page[-1].id
-    assert await store.count_messages() == total
 
 
 async def everything(store: HistoryStore) -> tuple[list[Session], list[Message]]:
