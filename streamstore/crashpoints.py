@@ -2,7 +2,7 @@
 
 A fault test starts a worker with ``STREAMSTORE_CRASH_POINT=<name>``; the first time the code
 reaches that point, the process dies at once, exactly as a kill -9 there would leave it. With
-the variable unset (always, outside tests) :func:`crash_if` is a dictionary-free no-op.
+the variable unset (always, outside tests) :func:`crash_if` is one string comparison.
 """
 
 from __future__ import annotations

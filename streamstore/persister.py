@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from redis.typing import EncodableT, FieldT
 from streamstore.codec import FeedEntry, decode_feed_entry
 from streamstore.config import PersisterSettings
 from streamstore.connection import routed
+from streamstore.crashpoints import crash_if
 from streamstore.errors import (
     BackpressureError,
     ConnectionLostError,
@@ -48,13 +48,9 @@ from streamstore.models import Message, Session, StreamId
 from streamstore.scripts import Scripts
 from streamstore.store import StreamStore
 
-__all__ = ["CRASH_POINT_ENV", "Persister", "PersisterStats"]
+__all__ = ["Persister", "PersisterStats"]
 
 log = logging.getLogger(__name__)
-
-CRASH_POINT_ENV = "STREAMSTORE_CRASH_POINT"
-"""Fault tests set this to ``after_read``, ``after_commit`` or ``during_claim``: the process
-then kills itself with SIGKILL at that point of its first batch there."""
 
 COMMIT_DEADLINE = 30.0
 """How long a graceful stop waits for the batch in hand to commit and be acknowledged."""
@@ -132,7 +128,6 @@ class Persister:
         self._settings = settings if settings is not None else PersisterSettings.from_env()
         self._consumer = self._settings.consumer
         self._stopping = False
-        self._crash_point = os.environ.get(CRASH_POINT_ENV)
         self._failures: dict[bytes, tuple[float, int]] = {}  # entry id -> (first, count)
         self._last_success = 0.0
         self._epoch: bytes | str | None = None
@@ -343,7 +338,7 @@ class Persister:
                 batch = [(feed, entry_id, fields) for entry_id, fields in entries if fields]
                 if batch:
                     self.stats.claimed += len(batch)
-                    self._maybe_crash("during_claim")
+                    crash_if("during_claim")
                     await self._process(batch)
                 if next_start in (b"0-0", "0-0"):
                     break
@@ -368,7 +363,7 @@ class Persister:
     async def _process(self, raw: list[Raw]) -> None:
         """Decode, dead-letter what does not decode, then commit and acknowledge the rest."""
         self.stats.read += len(raw)
-        self._maybe_crash("after_read")
+        crash_if("after_read")
         entries: list[tuple[str, FeedEntry]] = []
         poison: list[_Poison] = []
         for feed, entry_id, fields in raw:
@@ -406,7 +401,7 @@ class Persister:
                 self.stats.commit_seconds += seconds
                 if self._on_batch is not None:
                     self._on_batch(len(entries), seconds)
-                self._maybe_crash("after_commit")
+                crash_if("after_commit")
                 await self._acknowledge(batch)
         except (HistoryUnavailableError, HistoryCorruptError):
             raise  # says nothing about these entries: retry them all later
@@ -496,11 +491,6 @@ class Persister:
                     if attempt:
                         raise
                     await self._scripts.load(self._client)
-
-    def _maybe_crash(self, point: str) -> None:
-        if self._crash_point == point:
-            log.warning("persister %s: crash point %s reached, SIGKILL", self._consumer, point)
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _add(batch: _Batch, feed: str, entry: FeedEntry) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from streamstore import Settings
-from streamstore.persister import CRASH_POINT_ENV
+from streamstore.crashpoints import CRASH_POINT_ENV
 
 
 class Worker:
