@@ -165,7 +165,7 @@ def connect(url: str, settings: Settings) -> Client:
     # the connection class is ours whatever the URL says, so that hiredis packs commands.
     url_options: dict[str, Any] = dict(redis.asyncio.connection.parse_url(url))
     pool = ConnectionPool(**(options | url_options | {"connection_class": _PACKING[scheme]}))
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # closing the client closes the pool's connections
 
 
 def _connect_cluster(parts: SplitResult, scheme: str, options: dict[str, Any]) -> RedisCluster:

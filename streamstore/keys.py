@@ -6,6 +6,7 @@ touch a session's stream, its meta and its partition feed in one Redis Cluster s
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -43,16 +44,7 @@ class Keyspace:
 
     def session(self, session_id: str) -> SessionKeys:
         """The keys of one session and of its partition."""
-        p = self.partition_of(session_id)
-        tag = self._tag(p)
-        return SessionKeys(
-            partition=p,
-            meta=self.meta_prefix(p) + session_id,
-            stream=self.stream_prefix(p) + session_id,
-            feed=f"{tag}:feed",
-            index=f"{tag}:sessions",
-            deadlines=f"{tag}:deadlines",
-        )
+        return _session_keys(self, session_id)
 
     def meta_prefix(self, partition: int) -> str:
         """Session meta hashes of a partition are this prefix + the session id (scripts that
@@ -105,3 +97,18 @@ class Keyspace:
     def pattern(self) -> str:
         """A SCAN pattern matching every key of this deployment (for tests and clean-up)."""
         return f"{self.prefix}:*"
+
+
+@functools.lru_cache(maxsize=4096)
+def _session_keys(keys: Keyspace, session_id: str) -> SessionKeys:
+    """:meth:`Keyspace.session`, remembered for the sessions in use (every publish asks)."""
+    p = keys.partition_of(session_id)
+    tag = keys._tag(p)
+    return SessionKeys(
+        partition=p,
+        meta=keys.meta_prefix(p) + session_id,
+        stream=keys.stream_prefix(p) + session_id,
+        feed=f"{tag}:feed",
+        index=f"{tag}:sessions",
+        deadlines=f"{tag}:deadlines",
+    )

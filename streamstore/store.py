@@ -16,7 +16,7 @@ import orjson
 import redis.exceptions
 from redis.asyncio import RedisCluster
 
-from streamstore.coalescer import ScriptCoalescer
+from streamstore.coalescer import PublishBatch, PublishCoalescer
 from streamstore.codec import decode_session_meta, encode_message, encode_metadata, encode_session
 from streamstore.config import Settings
 from streamstore.connection import (
@@ -85,7 +85,14 @@ class StreamStore:
         self._client = client
         self._history = history
         self._scripts = Scripts.register(client)
-        self._publisher = ScriptCoalescer(client, self._scripts.publish)
+        self._window_ms = max(1, int(settings.dedup_window_s * 1000))
+        self._publisher = PublishCoalescer(
+            client,
+            self._scripts.publish,
+            high_water=settings.max_lag,
+            dedup_lifetime_ms=2 * self._window_ms + 1000,
+            by_partition=isinstance(client, RedisCluster),
+        )
         self._reader = SessionReader(client, self._scripts, history, self.keys, settings)
 
     @classmethod
@@ -131,7 +138,9 @@ class StreamStore:
             history = history_from_url(resolved.history_url)
             await history.open()
             stack.push_async_callback(history.close)
-            yield cls(settings=resolved, client=client, history=history, server=info, url=url)
+            store = cls(settings=resolved, client=client, history=history, server=info, url=url)
+            stack.push_async_callback(store._publisher.release)
+            yield store
 
     @property
     def history_store(self) -> HistoryStore:
@@ -323,15 +332,16 @@ class StreamStore:
             ServerError: the server refused the script; on a cluster, also a cluster still
                 down or still moving the session's slot after ``max_block``.
         """
-        spec = {
-            "sender": sender,
-            "content": content,
-            "recipient": recipient,
-            "metadata": metadata,
-            "id": id,
-            "timestamp": timestamp,
-        }
-        (message,) = await self.publish_many(session_id, [spec])
+        draft = self._draft(
+            validate_session_id(session_id),
+            sender=sender,
+            content=content,
+            recipient=recipient,
+            metadata=metadata,
+            id=id,
+            timestamp=timestamp,
+        )
+        (message,) = await self._publish_drafts(session_id, [draft])
         return message
 
     async def publish_many(
@@ -349,9 +359,21 @@ class StreamStore:
             ServerError: as for :meth:`publish`.
         """
         validate_session_id(session_id)
-        drafts = [self._draft(session_id, spec) for spec in messages]
+        drafts = []
+        for spec in messages:
+            unknown = spec.keys() - _MESSAGE_FIELDS
+            if unknown:
+                raise ValidationError(f"unknown message fields: {sorted(unknown)}")
+            drafts.append(self._draft(session_id, **spec))
         if not drafts:
             return []
+        return await self._publish_drafts(session_id, drafts)
+
+    async def _publish_drafts(
+        self, session_id: str, drafts: list[tuple[Message, bytes]]
+    ) -> list[Message]:
+        """Publish validated drafts, retrying while the partition lags or the cluster moves,
+        up to ``max_block``; returns the messages with their stream ids."""
         deadline = time.monotonic() + self.settings.max_block_s
         delay = 0.005
         while True:
@@ -365,62 +387,71 @@ class StreamStore:
                     raise
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
-        out = []
         for (message, _), stream_id in zip(drafts, reply[::2], strict=True):
-            out.append(_with_stream_id(message, StreamId.parse(stream_id)))
-        return out
+            # The drafts have not left this store: give each its stream id in place rather
+            # than copying its eight fields into a new frozen Message.
+            object.__setattr__(message, "stream_id", StreamId.parse(stream_id))
+        return [message for message, _ in drafts]
 
     async def _publish_once(
         self, session_id: str, drafts: list[tuple[Message, bytes]]
     ) -> list[bytes]:
         keys = self.keys.session(session_id)
-        window_ms = max(1, int(self.settings.dedup_window_s * 1000))
-        now = time.time()
-        bucket = int(now * 1000) // window_ms
-        args: list[Any] = [session_id, repr(now), 2 * window_ms + 1000, self.settings.max_lag]
+        bucket = int(time.time() * 1000) // self._window_ms
+        pairs: list[str | bytes] = []
         for message, payload in drafts:
-            args.extend((message.id, payload))
+            pairs.append(message.id)
+            pairs.append(payload)
+        batch = PublishBatch(
+            keys=(
+                keys.meta,
+                keys.stream,
+                keys.feed,
+                keys.deadlines,
+                self.keys.dedup(keys.partition, bucket),
+                self.keys.dedup(keys.partition, bucket - 1),
+            ),
+            session_id=session_id,
+            pairs=pairs,
+            partition=keys.partition,
+        )
         try:
             with translate_redis_errors():
-                reply: list[bytes] = await self._publisher.call(
-                    [
-                        keys.meta,
-                        keys.stream,
-                        keys.feed,
-                        keys.deadlines,
-                        self.keys.dedup(keys.partition, bucket),
-                        self.keys.dedup(keys.partition, bucket - 1),
-                    ],
-                    args,
-                )
+                return await self._publisher.publish(batch)
         except Exception as exc:
             _raise_script_error(exc, session_id)
             raise
-        return reply
 
-    def _draft(self, session_id: str, spec: Mapping[str, Any]) -> tuple[Message, bytes]:
-        unknown = set(spec) - _MESSAGE_FIELDS
-        if unknown:
-            raise ValidationError(f"unknown message fields: {sorted(unknown)}")
-        content = spec.get("content")
+    def _draft(
+        self,
+        session_id: str,
+        *,
+        sender: object = None,
+        content: object = None,
+        recipient: object = None,
+        metadata: object = None,
+        id: object = None,
+        timestamp: object = None,
+    ) -> tuple[Message, bytes]:
+        """A validated message (without its stream id yet) and its encoded payload.
+
+        Raises:
+            ValidationError, MessageTooLargeError: as for :meth:`publish`.
+        """
         if not isinstance(content, str):
             raise ValidationError(f"content must be a str, not {type(content).__name__}")
         if len(content) > self.settings.max_message_bytes:  # cheap early bound (chars <= bytes)
             raise MessageTooLargeError(
                 f"content is larger than max_message_bytes ({self.settings.max_message_bytes})"
             )
-        recipient = spec.get("recipient")
-        metadata = spec.get("metadata")
-        message_id = spec.get("id")
-        timestamp = spec.get("timestamp")
         if timestamp is not None and (
             isinstance(timestamp, bool) or not isinstance(timestamp, int | float)
         ):
             raise ValidationError("timestamp must be a number of seconds")
         message = Message(
-            id=new_message_id() if message_id is None else validate_message_id(message_id),
+            id=new_message_id() if id is None else validate_message_id(id),
             session_id=session_id,
-            sender=validate_name(spec.get("sender"), "sender"),
+            sender=validate_name(sender, "sender"),
             content=content,
             recipient=None if recipient is None else validate_name(recipient, "recipient"),
             metadata=None if metadata is None else orjson.loads(encode_metadata(_plain(metadata))),
@@ -683,19 +714,6 @@ def _cursor(value: Cursor) -> StreamId:
     if isinstance(value, str) and value == "0":
         return STREAM_START
     return StreamId.parse(value)
-
-
-def _with_stream_id(message: Message, stream_id: StreamId) -> Message:
-    return Message(
-        id=message.id,
-        session_id=message.session_id,
-        sender=message.sender,
-        content=message.content,
-        recipient=message.recipient,
-        metadata=message.metadata,
-        timestamp=message.timestamp,
-        stream_id=stream_id,
-    )
 
 
 def _raise_script_error(exc: BaseException, session_id: str) -> None:

@@ -489,6 +489,7 @@ async def test_three_workers_one_killed_after_commit_then_restarted(
         worker.wait_ready()
     published += await publish_load(store, sessions=6, per_session=100)
     workers.append(Worker(settings, tmp_path, "w3", claim_idle=0.5))
+    workers[-1].wait_ready()  # a SIGTERM before its handlers are installed would kill it
     assert await wait_for_count(settings, len(published)) == len(published)
     for worker in workers:
         assert worker.terminate() == 0, worker.log()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -11,12 +12,14 @@ import redis.asyncio
 
 from streamstore import (
     MessageTooLargeError,
+    SessionClosedError,
     SessionExistsError,
     SessionNotFoundError,
     StreamId,
     StreamStore,
     ValidationError,
 )
+from streamstore.coalescer import PublishCoalescer
 from streamstore.errors import ServerError
 
 
@@ -111,6 +114,52 @@ async def test_concurrent_producers_keep_one_order(store: StreamStore) -> None:
     for n in range(8):
         mine = [m.content for m in seen if m.sender == f"p{n}"]
         assert mine == [f"{n}:{i}" for i in range(1000)]
+
+
+async def test_concurrent_publishes_are_merged_and_answered_each_on_its_own(
+    store: StreamStore, raw: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishes made while one is in flight travel in merged script calls, each caller's
+    batch checked and answered on its own: a refused one refuses nothing else, and a message
+    id repeated across the merged batches is stored once."""
+    batches_per_call: list[int] = []
+    exchange = PublishCoalescer._exchange
+
+    async def counting(self: PublishCoalescer, commands: Any, held: Any) -> Any:
+        batches_per_call.extend(int(command[2]) // 6 for command in commands)
+        return await exchange(self, commands, held)
+
+    monkeypatch.setattr(PublishCoalescer, "_exchange", counting)
+    live = [await store.create_session(["a"]) for _ in range(6)]
+    closed = await store.create_session(["a"])
+    await store.close_session(closed.id)
+    published: list[Any] = []
+    refused: list[type[Exception]] = []
+
+    async def publish(session_id: str, **fields: Any) -> None:
+        try:
+            published.append(await store.publish(session_id, sender="a", **fields))
+        except (SessionClosedError, SessionNotFoundError) as exc:
+            refused.append(type(exc))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            for session in live:
+                tg.start_soon(functools.partial(publish, session.id, content=f"{i}"))
+            tg.start_soon(functools.partial(publish, live[0].id, content="again", id="twice"))
+        tg.start_soon(functools.partial(publish, closed.id, content="late"))
+        tg.start_soon(functools.partial(publish, "no-such-session", content="lost"))
+    assert max(batches_per_call) > 1
+    assert sorted(refused, key=str) == sorted([SessionClosedError, SessionNotFoundError], key=str)
+    assert len(published) == 6 * 20 + 20
+    assert len({m.stream_id for m in published if m.id == "twice"}) == 1
+    for session in live:
+        stream = await stream_ids(raw, store.keys.session(session.id).stream)
+        expected = 20 + (1 if session is live[0] else 0)
+        assert len(stream) == expected
+        assert len(await feed_entries(raw, store, session.id)) == expected
+        assert (await store.get_session(session.id)).message_count == expected
+    assert await stream_ids(raw, store.keys.session(closed.id).stream) == []
 
 
 async def test_repeated_message_id_is_stored_once(

@@ -1,0 +1,77 @@
+"""A connection held out of a single server's pool, for a hot path that runs one exchange at a
+time.
+
+redis-py checks a connection out of its pool for every command: a lock taken twice, a poll of
+the socket for stray data, observability hooks. That costs more than the round trip itself
+on a quiet loopback (about 70 µs against 70 µs here, measured with ``time.process_time``).
+A path that sends one exchange at a time (the coalescer's direct publish, its leader's
+pipeline) can instead keep one connection and write to it directly: same connection class,
+same packing, parser, timeouts and health checks, without the checkout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.typing import EncodableT
+
+__all__ = ["HeldConnection"]
+
+
+class HeldConnection:
+    """One connection of ``client``'s pool, taken at first use and kept until :meth:`release`.
+
+    Not for concurrent use: its owner runs one :meth:`exchange` at a time.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._pool = client.connection_pool
+        self._connection: AbstractConnection | None = None
+
+    async def exchange(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
+        """Send ``commands`` in one write and read one reply each, like a pipeline without a
+        transaction: a command the server refused has its
+        :class:`~redis.exceptions.ResponseError` in its place in the list.
+
+        A dropped link or a timeout is retried under the client's retry policy, as redis-py
+        retries any command: the exchange is sent again, whole, on a new link (so the
+        commands must be safe to repeat). A failed or cancelled exchange drops the link
+        (replies may be left unread on it).
+
+        Raises:
+            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: the link failed
+                every time; any of the commands may or may not have run.
+        """
+        connection = self._connection
+        if connection is None:
+            connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            self._connection = connection
+
+        async def once() -> list[Any]:
+            try:
+                await connection.send_packed_command(connection.pack_commands(commands))
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except redis.exceptions.ResponseError as refused:
+                        replies.append(refused)
+                return replies
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+
+        async def dropped(_error: Exception) -> None:
+            """Nothing to do: ``once`` dropped the link; the next try connects again."""
+
+        return await connection.retry.call_with_retry(once, dropped)
+
+    async def release(self) -> None:
+        """Give the connection back to the pool (if one was taken)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self._pool.release(connection)
