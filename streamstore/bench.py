@@ -1,10 +1,13 @@
 """``streamstore bench``: one workload through streamstore and through hand-written redis-py and
-sqlite3 baselines, in one run, each figure printed beside its baseline and their ratio.
+sqlite3 (or asyncpg) baselines, in one run, each figure printed beside its baseline and their
+ratio.
 
 A ratio is always streamstore / baseline: below 1 is slower for a throughput, above 1 is slower
 for a latency or a memory figure. The machine may be shared and noisy: compare the ratios of
 one run, not raw figures across runs. Every step works under a key prefix of its own, deletes
-its keys when it ends (never FLUSHDB) and keeps its SQLite files in a temporary directory.
+its keys when it ends (never FLUSHDB, on every primary of a cluster) and keeps its history in a
+SQLite file in a temporary directory, or, with a ``postgresql://`` history URL, in a PostgreSQL
+schema of its own that it drops when it ends.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.to_thread
@@ -31,9 +35,15 @@ from redis.typing import EncodableT, FieldT
 
 from streamstore.cli_types import positive_float, positive_int
 from streamstore.config import PersisterSettings, Settings
+from streamstore.connection import Client, redact_url, routed
+from streamstore.errors import HistoryUnavailableError
+from streamstore.history import history_from_url
 from streamstore.keys import Keyspace
 from streamstore.persister import Persister
 from streamstore.store import StreamStore
+
+if TYPE_CHECKING:
+    import asyncpg
 
 __all__ = ["BenchReport", "Figure", "add_bench_arguments", "run_bench"]
 
@@ -77,6 +87,22 @@ _RAW_SELECT: Final = (
     "SELECT stream_id, sender, recipient, content, timestamp FROM messages "
     "WHERE session_id = ? ORDER BY pk"
 )
+# The same table and reads in PostgreSQL, in the step's schema ("{schema}": a key prefix of
+# the bench's own making, [a-z0-9] only, which is why it may be quoted into the statement).
+_PG_RAW_TABLE: Final = (
+    'CREATE TABLE "{schema}".raw_messages (pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, '
+    "session_id text NOT NULL, stream_id text NOT NULL, sender text NOT NULL, recipient text, "
+    "content text NOT NULL, timestamp double precision NOT NULL)"
+)
+_PG_RAW_COLUMNS: Final = ("session_id", "stream_id", "sender", "recipient", "content", "timestamp")
+_PG_RAW_SELECT: Final = (
+    'SELECT stream_id, sender, recipient, content, timestamp FROM "{schema}".raw_messages '
+    "WHERE session_id = $1 ORDER BY pk"
+)
+_PG_OWN_OPTIONS: Final = frozenset({"schema", "pool_size", "command_timeout", "connect_timeout"})
+"""The options of a ``postgresql://`` history URL that are streamstore's, not asyncpg's (as
+:meth:`PostgresHistory.from_url <streamstore.history.postgres.PostgresHistory.from_url>` reads
+them)."""
 
 Row = tuple[str, str, str, str, str, float]
 """A baseline history row: session, stream id, sender, recipient, content, timestamp."""
@@ -119,9 +145,17 @@ class Figure:
 
 @dataclass(frozen=True, slots=True)
 class BenchReport:
-    """Every figure of one run and what the run was."""
+    """Every figure of one run and what the run was.
+
+    Attributes:
+        server: the server's name and version (the oldest primary's on a cluster).
+        topology: ``single node`` or ``cluster of N primaries``.
+        history: the history the steps used: ``SQLite <version>`` or ``PostgreSQL <version>``.
+    """
 
     server: str
+    topology: str
+    history: str
     messages: int
     rate: float
     duration: float
@@ -132,6 +166,8 @@ class BenchReport:
         """The report as a JSON object (what ``--json`` writes)."""
         return {
             "server": self.server,
+            "topology": self.topology,
+            "history": self.history,
             "messages": self.messages,
             "rate": self.rate,
             "duration": self.duration,
@@ -217,13 +253,21 @@ async def run_bench(
     args: argparse.Namespace, settings: Settings, say: Callable[[str], None] = print
 ) -> BenchReport:
     """Run every step on the server of ``settings`` (the embedded one when ``redis_url`` is
-    None), report progress through ``say``, then the table; write ``--json`` if asked.
+    None, a Redis Cluster for a ``redis+cluster://`` URL), report progress through ``say``,
+    then the table; write ``--json`` if asked.
 
-    ``settings.history_url`` and ``key_prefix`` are not used: each step has a prefix and a
-    SQLite file of its own, in a temporary directory removed at the end.
+    ``key_prefix`` is not used: each step has a prefix of its own. Nor is the history store
+    that ``history_url`` names: with a ``postgresql://`` URL each step opens a PostgreSQL
+    history in that database, in a schema of its own (the URL's ``schema`` is replaced) that
+    is dropped when the step ends, and the baseline writes and reads there with asyncpg. With
+    any other URL each step has a SQLite file in a temporary directory removed at the end, and
+    the baseline uses sqlite3.
 
     Raises:
         StreamStoreError: the server cannot be used (as from :meth:`StreamStore.open`).
+        ConfigurationError: the ``postgresql://`` history URL is malformed.
+        HistoryUnavailableError: PostgreSQL cannot be reached or refuses the login.
+        HistoryError: a step's PostgreSQL history cannot be opened.
         RuntimeError: streamstore lost or repeated a message during the run.
     """
     options = _Options.from_args(args)
@@ -233,17 +277,22 @@ async def run_bench(
         base = settings.replace(
             history_url=_sqlite_url(Path(scratch) / "server.db"), key_prefix=_new_prefix()
         )
-        async with StreamStore.open(settings=base) as host, contextlib.AsyncExitStack() as stack:
+        async with (
+            _history_baseline(settings.history_url, Path(scratch)) as history,
+            StreamStore.open(settings=base) as host,
+            contextlib.AsyncExitStack() as stack,
+        ):
             stack.push_async_callback(_delete_keys, host.client, host.keys.prefix)
-            raw = Redis.from_url(host.url)
+            raw = _raw_client(host.url, base)
             stack.push_async_callback(raw.aclose)
             server = f"{host.server.name} {'.'.join(map(str, host.server.version))}"
+            topology = await _topology(host.client)
             say(
-                f"streamstore bench: {server} at {host.url}, {base.partitions} partitions, "
-                f"{options.messages:,} messages per step, latency at {options.rate:,.0f} msg/s "
-                f"for {options.duration:g} s"
+                f"streamstore bench: {server}, {topology}, at {redact_url(host.url)}; history "
+                f"{history.kind}; {base.partitions} partitions, {options.messages:,} messages "
+                f"per step, latency at {options.rate:,.0f} msg/s for {options.duration:g} s"
             )
-            bench = _Bench(base.replace(redis_url=host.url), raw, Path(scratch), options, say)
+            bench = _Bench(base.replace(redis_url=host.url), raw, history, options, say)
             await bench.publish(producers=1, step=1)
             for step, producers in enumerate(CONCURRENCY, start=2):
                 await bench.publish(producers=producers, step=step)
@@ -255,6 +304,8 @@ async def run_bench(
     say(f"[7/{_STEPS}] peak RSS: {peak:,.1f} MiB ({rss_at_start:,.1f} MiB at start)")
     report = BenchReport(
         server=server,
+        topology=topology,
+        history=history.kind,
         messages=options.messages,
         rate=options.rate,
         duration=options.duration,
@@ -275,14 +326,14 @@ class _Bench:
     def __init__(
         self,
         settings: Settings,
-        raw: Redis,
-        scratch: Path,
+        raw: Client,
+        history: _HistoryBaseline,
         options: _Options,
         say: Callable[[str], None],
     ) -> None:
         self._settings = settings
         self._raw = raw
-        self._scratch = scratch
+        self._history = history
         self._options = options
         self._say = say
         self.figures: list[Figure] = []
@@ -293,17 +344,21 @@ class _Bench:
 
     @contextlib.asynccontextmanager
     async def _store(self, **changes: Any) -> AsyncIterator[StreamStore]:
-        """A store under a new key prefix, with a SQLite history in the scratch directory;
-        its keys (and those of the baseline, under the same prefix) are deleted afterwards."""
+        """A store under a new key prefix, with a history of its own named after it; its keys
+        (and those of the baseline, under the same prefix) and its history (the baseline's
+        table with it) are deleted afterwards."""
         prefix = _new_prefix()
         settings = self._settings.replace(
-            key_prefix=prefix, history_url=_sqlite_url(self._scratch / f"{prefix}.db"), **changes
+            key_prefix=prefix, history_url=self._history.url(prefix), **changes
         )
         try:
             async with StreamStore.open(settings=settings) as store:
                 yield store
         finally:
-            await _delete_keys(self._raw, prefix)
+            try:
+                await _delete_keys(self._raw, prefix)
+            finally:
+                await self._history.drop(prefix)
 
     async def publish(self, *, producers: int, step: int) -> None:
         """``store.publish`` vs unpipelined XADD, each producer awaiting every call."""
@@ -349,8 +404,9 @@ class _Bench:
         )
 
     async def persist_and_replay(self, *, step: int) -> None:
-        """Persister.drain() vs XREADGROUP + XACK and sqlite3 executemany; then replay from
-        history (the stream trimmed to its watermark: ``hot_tail=0``) vs a sqlite3 SELECT."""
+        """Persister.drain() vs XREADGROUP + XACK and a hand-written history write (sqlite3
+        executemany or asyncpg COPY); then replay from history (the stream trimmed to its
+        watermark: ``hot_tail=0``) vs one SELECT."""
         count = self._options.messages
         async with self._store(hot_tail=0) as store:
             key = _raw_key(store.keys.prefix, "persist")
@@ -364,8 +420,7 @@ class _Bench:
             started = time.perf_counter()
             batches = await _read_and_ack(self._raw, key, session)
             read_s = time.perf_counter() - started
-            raw_db = self._scratch / f"{store.keys.prefix}-raw.db"
-            write_s = await anyio.to_thread.run_sync(_write_rows, raw_db, batches)
+            write_s = await self._history.write(store.keys.prefix, batches)
 
             persister = Persister(store, PersisterSettings(consumer=_GROUP))
             started = time.perf_counter()
@@ -376,7 +431,7 @@ class _Bench:
                 raise RuntimeError(f"published {count} messages but history holds {stored}")
             tail = await store.client.xlen(store.keys.session(session).stream)
 
-            select_s, selected = await anyio.to_thread.run_sync(_select_rows, raw_db, session)
+            select_s, selected = await self._history.select(store.keys.prefix, session)
             started = time.perf_counter()
             replayed = 0
             async for _ in store.replay(session):
@@ -387,20 +442,22 @@ class _Bench:
                 f"replay yielded {replayed} and SELECT {selected} of {count} messages"
             )
         persist = count / drain_s
+        writes = self._history.writes
         figures = [
             Figure("persist / XREADGROUP+XACK", "msg/s", persist, count / read_s),
-            Figure("persist / sqlite3 executemany", "msg/s", persist, count / write_s),
+            Figure(f"persist / {writes}", "msg/s", persist, count / write_s),
             Figure("persist / read+ack+write", "msg/s", persist, count / (read_s + write_s)),
         ]
         self.figures.extend(figures)
         self._say(
             f"[{step}/{_STEPS}] persist, {count:,} messages: streamstore {persist:,.0f} msg/s; "
-            f"XREADGROUP+XACK {count / read_s:,.0f} msg/s, sqlite3 {count / write_s:,.0f} msg/s, "
-            f"both {figures[-1].baseline:,.0f} msg/s ({figures[-1].ratio:.2f}x); history commits "
-            f"took {stats.commit_seconds:.2f} of {drain_s:.2f} s; {tail} entries left in the "
-            "trimmed stream"
+            f"XREADGROUP+XACK {count / read_s:,.0f} msg/s, {writes} {count / write_s:,.0f} "
+            f"msg/s, both {figures[-1].baseline:,.0f} msg/s ({figures[-1].ratio:.2f}x); history "
+            f"commits took {stats.commit_seconds:.2f} of {drain_s:.2f} s; {tail} entries left in "
+            "the trimmed stream"
         )
-        self._throughput(step, "replay from history / sqlite3 SELECT", count, replay_s, select_s)
+        name = f"replay from history / {self._history.reads}"
+        self._throughput(step, name, count, replay_s, select_s)
 
     async def latency(self, *, step: int) -> None:
         """Publish -> subscriber latency at a fixed rate: ``store.publish`` and
@@ -503,7 +560,7 @@ def _raw_fields() -> dict[FieldT, EncodableT]:
     return {"sender": _SENDER, "recipient": _RECIPIENT, "content": CONTENT, "ts": time.time()}
 
 
-async def _xadd_pipelined(raw: Redis, key: str, count: int) -> None:
+async def _xadd_pipelined(raw: Client, key: str, count: int) -> None:
     async with raw.pipeline(transaction=False) as pipe:
         for _ in range(count):
             pipe.xadd(key, _raw_fields())
@@ -515,11 +572,17 @@ async def _publish_many(store: StreamStore, session_id: str, count: int) -> None
     await store.publish_many(session_id, [spec] * count)
 
 
-async def _read_and_ack(raw: Redis, key: str, session_id: str) -> list[list[Row]]:
+async def _read_and_ack(raw: Client, key: str, session_id: str) -> list[list[Row]]:
     """The hand-written consumer: XREADGROUP COUNT 1000, turn entries into rows, XACK."""
     batches: list[list[Row]] = []
     while True:
-        reply = _streams(await raw.xreadgroup(_GROUP, "consumer", {key: ">"}, count=READ_COUNT))
+        reply = _streams(
+            await raw.execute_command(
+                *("XREADGROUP", "GROUP", _GROUP, "consumer", "COUNT", READ_COUNT),
+                *("STREAMS", key, ">"),
+                **routed(raw, key),
+            )
+        )
         if not reply:
             return batches
         entries = reply[0][1]
@@ -572,12 +635,210 @@ def _select_rows(path: Path, session_id: str) -> tuple[float, int]:
         connection.close()
 
 
-async def _xread_latencies(raw: Redis, key: str, sent: list[float]) -> list[float]:
+class _HistoryBaseline(Protocol):
+    """Where each step keeps its history, and the same writes and reads done by hand there."""
+
+    kind: str
+    """What the history is, for the report: ``SQLite <version>`` or ``PostgreSQL <version>``."""
+    writes: str
+    """How the baseline writes, as figure names say it."""
+    reads: str
+    """How the baseline reads, as figure names say it."""
+
+    def url(self, name: str) -> str:
+        """The history URL of the step whose key prefix is ``name``."""
+        ...
+
+    async def write(self, name: str, batches: list[list[Row]]) -> float:
+        """Store ``batches`` in a plain table of the step's, one transaction each; returns the
+        seconds the writes took."""
+        ...
+
+    async def select(self, name: str, session_id: str) -> tuple[float, int]:
+        """One SELECT of the session's rows from that table; returns seconds and rows."""
+        ...
+
+    async def drop(self, name: str) -> None:
+        """Remove what the step stored, even when the step was cancelled."""
+        ...
+
+
+class _SQLiteBaseline:
+    """Each step's history is a SQLite file in the scratch directory (removed at the end of the
+    run); the baseline writes a file of its own with sqlite3 executemany, in a thread."""
+
+    writes = "sqlite3 executemany"
+    reads = "sqlite3 SELECT"
+
+    def __init__(self, scratch: Path) -> None:
+        self.kind = f"SQLite {sqlite3.sqlite_version}"
+        self._scratch = scratch
+
+    def url(self, name: str) -> str:
+        return _sqlite_url(self._scratch / f"{name}.db")
+
+    async def write(self, name: str, batches: list[list[Row]]) -> float:
+        return await anyio.to_thread.run_sync(_write_rows, self._raw_path(name), batches)
+
+    async def select(self, name: str, session_id: str) -> tuple[float, int]:
+        return await anyio.to_thread.run_sync(_select_rows, self._raw_path(name), session_id)
+
+    async def drop(self, name: str) -> None:
+        """Nothing to do: the files go with the scratch directory."""
+
+    def _raw_path(self, name: str) -> Path:
+        return self._scratch / f"{name}-raw.db"
+
+
+class _PostgresBaseline:
+    """Each step's history is a schema of its own, named after its key prefix, in the database
+    of the history URL, dropped when the step ends; the baseline COPYs into a plain table in
+    that schema, one transaction per read batch, on one asyncpg connection kept for the run."""
+
+    writes = "asyncpg COPY"
+    reads = "asyncpg SELECT"
+
+    def __init__(self, url: str, connection: asyncpg.Connection[asyncpg.Record]) -> None:
+        version = connection.get_settings().server_version.split()[0]  # "15.6 (Debian ...)"
+        self.kind = f"PostgreSQL {version}"
+        self._url = url
+        self._connection = connection
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, url: str) -> AsyncIterator[_PostgresBaseline]:
+        """The baseline for the database of ``url``, a ``postgresql://`` history URL.
+
+        Raises:
+            ConfigurationError: the URL is malformed.
+            HistoryUnavailableError: PostgreSQL cannot be reached or refuses the login.
+        """
+        history_from_url(url)  # checks the URL as every step's store will read it
+        connection = await _connect_postgres(url)
+        try:
+            yield cls(url, connection)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await connection.close(timeout=10)
+
+    def url(self, name: str) -> str:
+        head, _, query = self._url.partition("?")
+        options = [o for o in parse_qsl(query, keep_blank_values=True) if o[0] != "schema"]
+        return f"{head}?{urlencode([*options, ('schema', name)])}"
+
+    async def write(self, name: str, batches: list[list[Row]]) -> float:
+        # The step's store created the schema when it opened.
+        await self._connection.execute(_PG_RAW_TABLE.format(schema=name))
+        started = time.perf_counter()
+        for rows in batches:
+            async with self._connection.transaction():
+                await self._connection.copy_records_to_table(
+                    "raw_messages", records=rows, columns=_PG_RAW_COLUMNS, schema_name=name
+                )
+        return time.perf_counter() - started
+
+    async def select(self, name: str, session_id: str) -> tuple[float, int]:
+        started = time.perf_counter()
+        rows = await self._connection.fetch(_PG_RAW_SELECT.format(schema=name), session_id)
+        return time.perf_counter() - started, len(rows)
+
+    async def drop(self, name: str) -> None:
+        """DROP SCHEMA ... CASCADE on a connection of its own (the shared one may be in the
+        middle of the cancelled step's statement).
+
+        Raises:
+            HistoryUnavailableError: PostgreSQL cannot be reached.
+            asyncpg.PostgresError: PostgreSQL refused the statement.
+        """
+        with anyio.move_on_after(30, shield=True):
+            connection = await _connect_postgres(self._url)
+            try:
+                await connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            finally:
+                await connection.close(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def _history_baseline(url: str, scratch: Path) -> AsyncIterator[_HistoryBaseline]:
+    """PostgreSQL for a ``postgresql://`` (or ``postgres://``) history URL, else SQLite files
+    in ``scratch``.
+
+    Raises:
+        ConfigurationError: the ``postgresql://`` URL is malformed.
+        HistoryUnavailableError: PostgreSQL cannot be reached or refuses the login.
+    """
+    if urlsplit(url).scheme in ("postgresql", "postgres"):
+        async with _PostgresBaseline.open(url) as postgres:
+            yield postgres
+    else:
+        yield _SQLiteBaseline(scratch)
+
+
+async def _connect_postgres(url: str) -> asyncpg.Connection[asyncpg.Record]:
+    """An asyncpg connection to the database of a history URL (without streamstore's options).
+
+    Raises:
+        HistoryUnavailableError: PostgreSQL cannot be reached or refuses the login.
+    """
+    import asyncpg  # noqa: PLC0415 - the optional postgres extra, needed with PostgreSQL only
+
+    head, _, query = url.partition("?")
+    theirs = [o for o in parse_qsl(query, keep_blank_values=True) if o[0] not in _PG_OWN_OPTIONS]
+    dsn = head + (f"?{urlencode(theirs)}" if theirs else "")
+    try:
+        return await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Not the URL: it may hold the password.
+        raise HistoryUnavailableError(
+            f"the bench cannot connect to PostgreSQL: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _raw_client(url: str, settings: Settings) -> Client:
+    """The baseline's client, made as a user would with stock redis-py: ``Redis.from_url``, or
+    ``RedisCluster.from_url`` on the first node of a ``redis+cluster://`` URL (it finds the
+    others), with the TLS files of ``settings`` for ``rediss``. Not
+    :func:`streamstore.connection.connect`: its hiredis packing is part of what is measured."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.removesuffix("+cluster")
+    tls: dict[str, Any] = {}
+    if scheme == "rediss":
+        tls = {
+            "ssl_ca_certs": settings.tls_ca_file,
+            "ssl_certfile": settings.tls_cert_file,
+            "ssl_keyfile": settings.tls_key_file,
+        }
+    if scheme == parts.scheme:
+        return Redis.from_url(url, **tls)
+    userinfo, at, nodes = parts.netloc.rpartition("@")
+    first = f"{userinfo}{at}{nodes.split(',')[0]}"
+    return RedisCluster.from_url(urlunsplit(parts._replace(scheme=scheme, netloc=first)), **tls)
+
+
+async def _topology(client: Client) -> str:
+    """``single node`` or ``cluster of N primaries``.
+
+    Raises:
+        redis.exceptions.RedisError: a cluster client could not read the cluster's layout.
+    """
+    if not isinstance(client, RedisCluster):
+        return "single node"
+    await client.initialize()  # done already by the checks at open: nothing is sent
+    primaries = len(client.get_primaries())
+    return f"cluster of {primaries} {'primary' if primaries == 1 else 'primaries'}"
+
+
+async def _xread_latencies(raw: Client, key: str, sent: list[float]) -> list[float]:
     """The hand-written subscriber: XREAD BLOCK from the start of a new stream."""
     latencies: list[float] = []
     cursor: bytes | str = "0-0"
     while len(latencies) < len(sent):
-        reply = _streams(await raw.xread({key: cursor}, count=READ_COUNT, block=1000))
+        reply = _streams(
+            await raw.execute_command(
+                *("XREAD", "COUNT", READ_COUNT, "BLOCK", 1000, "STREAMS", key, cursor),
+                **routed(raw, key),
+            )
+        )
         for _, entries in reply:
             for entry_id, fields in entries:
                 latencies.append(time.perf_counter() - sent[int(fields[b"i"])])
@@ -602,7 +863,12 @@ async def _subscribe_latencies(
 
 def _streams(reply: object) -> list[Any]:
     """An XREAD/XREADGROUP reply of the baseline client: ``[[key, [(id, fields), ...]], ...]``
-    (redis-py's RESP2-shaped default), empty when nothing arrived."""
+    (redis-py's RESP2-shaped default), empty when nothing arrived.
+
+    The baseline sends both reads with ``execute_command`` and :func:`routed`, straight to the
+    key's node on a cluster as streamstore does: redis-py's cluster client would otherwise ask
+    a node for their keys (COMMAND GETKEYS) before every read, a round trip streamstore does
+    not pay."""
     return cast("list[Any]", reply or [])
 
 
@@ -612,9 +878,10 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def _delete_keys(client: Redis | RedisCluster, prefix: str) -> None:
+async def _delete_keys(client: Client, prefix: str) -> None:
     """Delete every key under ``prefix`` (SCAN + UNLINK; the server may be shared), even when
-    the step was cancelled."""
+    the step was cancelled. A cluster client SCANs every primary and sends one UNLINK per
+    slot."""
     with anyio.move_on_after(30, shield=True):
         pattern = Keyspace(prefix, 1).pattern
         keys = [key async for key in client.scan_iter(match=pattern, count=1000)]

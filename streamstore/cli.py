@@ -104,14 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--redis-url",
         metavar="URL",
-        help="redis://, rediss:// or unix:// (default: $STREAMSTORE_REDIS_URL, else a private "
-        "embedded server)",
+        help="redis://, rediss://, unix://, or redis+cluster://host:port[,host:port...] for a "
+        "Redis Cluster (default: $STREAMSTORE_REDIS_URL, else a private embedded server)",
     )
     parser.add_argument(
         "--history-url",
         metavar="URL",
-        help="sqlite:///path.db or memory:// (default: $STREAMSTORE_HISTORY_URL, else "
-        "sqlite:///streamstore.db)",
+        help="sqlite:///path.db, postgresql://user@host/db or memory:// (default: "
+        "$STREAMSTORE_HISTORY_URL, else sqlite:///streamstore.db)",
     )
     parser.add_argument("--key-prefix", metavar="PREFIX", help="Redis key prefix (default: ss)")
     parser.add_argument(
@@ -275,7 +275,10 @@ def _parser() -> argparse.ArgumentParser:
     from streamstore.bench import add_bench_arguments
 
     bench = command(
-        "bench", "measure streamstore against hand-written redis-py and sqlite3", _bench
+        "bench",
+        "measure streamstore against hand-written redis-py and sqlite3 (asyncpg for a "
+        "PostgreSQL history)",
+        _bench,
     )
     add_bench_arguments(bench)
     return parser

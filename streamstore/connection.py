@@ -421,8 +421,9 @@ async def _describe(client: Client) -> tuple[str, tuple[int, ...], str | None, b
             hello = await execute("HELLO", "2", **_any_node(client))
         except redis.exceptions.ResponseError as hello_exc:
             raise ServerError(
-                "cannot tell the server's version: this Redis user may run neither INFO nor "
-                f"HELLO ({_first_line(hello_exc)}); grant it +hello"
+                "cannot tell the server's version: this Redis user was refused "
+                f"({_first_line(exc)}; then {_first_line(hello_exc)}); it needs +info or "
+                "+hello, and on a cluster +cluster|slots +command (see deploy/users.acl)"
             ) from hello_exc
         fields = _pairs(hello)
         name = _text(fields.get("server")) or "redis"

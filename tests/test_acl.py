@@ -3,6 +3,9 @@ refused (NOPERM) outside its role and outside the key prefix; the default user i
 
 The servers run ``deploy/redis.conf`` and an ACL file rendered from ``deploy/users.acl`` for
 the test's own key prefix and passwords (plus an admin user for the test's own inspection).
+On a three-master Redis Cluster (tests/cluster.py) the rendered users are added to every node
+with ACL SETUSER, the same rules the file would load, and each role does its work through
+``redis+cluster://`` URLs.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from streamstore import (
 from streamstore.embedded import find_server_binary
 from streamstore.errors import EmbeddedServerError
 from streamstore.keys import GROUP, Keyspace
+from tests.cluster import LocalCluster
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROLES = ("producer", "subscriber", "persister", "sweeper", "worker")
@@ -50,6 +54,24 @@ NO_RETRY = Retry(NoBackoff(), 0)
 NO_SERVER = pytest.mark.skip(reason="no valkey-server or redis-server binary")
 SCRIPT_REFUSED = re.compile(r"(?i)no permissions|ACL failure|user executing the script can.t")
 """How Redis 7.0 and Valkey word an ACL refusal of a command run inside a script."""
+CLUSTER_DISCOVERY: list[tuple[str, ...]] = [
+    ("CLUSTER", "SLOTS"),
+    ("COMMAND",),
+    ("COMMAND", "GETKEYS", "XREAD", "STREAMS", "k", "0"),
+]
+"""What redis-py's asyncio cluster client sends on its own: CLUSTER SLOTS to learn (and, after
+a MOVED, relearn) the layout, COMMAND for the key positions of every command, COMMAND GETKEYS
+for commands whose keys move (it is sent only for those not routed by streamstore)."""
+CLUSTER_CHANGES: list[tuple[str, ...]] = [
+    ("CLUSTER", "RESET", "HARD"),
+    ("CLUSTER", "FAILOVER"),
+    ("CLUSTER", "FORGET", "0" * 40),
+    ("CLUSTER", "MEET", "127.0.0.1", "1"),
+    ("CLUSTER", "ADDSLOTS", "0"),
+    ("CLUSTER", "SETSLOT", "0", "STABLE"),
+    ("CLUSTER", "FLUSHSLOTS"),
+    ("READWRITE",),
+]
 
 
 # -- the shipped file, as text ---------------------------------------------------------------------
@@ -234,14 +256,18 @@ def server_binaries() -> list[str]:
 
 @dataclass
 class AclServer:
-    """A running server loaded with the rendered ACL file."""
+    """A running server loaded with the rendered ACL file, or a cluster (``cluster_nodes``:
+    ``host:port,...``) whose nodes have the rendered users; ``port`` is then its first node's."""
 
     port: int
     prefix: str
     passwords: dict[str, str]
     tmp: Path
+    cluster_nodes: str | None = None
 
     def url(self, user: str) -> str:
+        if self.cluster_nodes is not None:
+            return f"redis+cluster://{user}:{self.passwords[user]}@{self.cluster_nodes}"
         return f"redis://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
 
     def settings(self, user: str) -> Settings:
@@ -256,7 +282,18 @@ class AclServer:
         )
 
     def client(self, user: str) -> redis.Redis:
-        return redis.Redis.from_url(self.url(user), protocol=2)
+        """A client of the server (of a cluster's first node)."""
+        password = self.passwords[user]
+        return redis.Redis("127.0.0.1", self.port, username=user, password=password, protocol=2)
+
+    def admin(self) -> redis.Redis | redis.RedisCluster:
+        """The test's admin user: of the server, or of the whole cluster."""
+        if self.cluster_nodes is None:
+            return self.client(ADMIN)
+        password = self.passwords[ADMIN]
+        return redis.RedisCluster(
+            "127.0.0.1", self.port, username=ADMIN, password=password, protocol=2
+        )
 
     @property
     def keys(self) -> Keyspace:
@@ -285,15 +322,61 @@ def acl_server(
     server.stop()
 
 
+def emptied(server: AclServer) -> AclServer:
+    """``server`` with nothing under the prefix (and a fresh history file)."""
+    with server.admin() as admin:
+        for key in admin.scan_iter(match=server.keys.pattern):
+            admin.delete(key)
+    (server.tmp / "history.db").unlink(missing_ok=True)
+    return server
+
+
 @pytest.fixture
 async def fresh(acl_server: AclServer) -> AclServer:
-    """The server with nothing under the prefix (and a fresh history file)."""
-    admin = acl_server.client(ADMIN)
-    with admin:
-        for key in admin.scan_iter(match=acl_server.keys.pattern):
-            admin.delete(key)
-    (acl_server.tmp / "history.db").unlink(missing_ok=True)
-    return acl_server
+    return emptied(acl_server)
+
+
+def add_users(cluster: LocalCluster, acl_text: str, users: set[str]) -> None:
+    """Give every node of ``cluster`` the ``users`` of an ACL file's text, as ACL LOAD would."""
+    for node in cluster.nodes:
+        with node.client() as client:
+            for line in acl_text.splitlines():
+                _, name, *rules = re.findall(r"\([^)]*\)|\S+", line)  # a selector is one rule
+                if name in users:
+                    client.execute_command("ACL", "SETUSER", name, "reset", *rules)
+
+
+@pytest.fixture(scope="module", params=SERVER_PARAMS, ids=lambda binary: Path(binary).name)
+def acl_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalCluster, AclServer]]:
+    """A three-master cluster of each server binary (the embedded one's is the session's
+    ``redis_cluster``) with the rendered role users on every node; its default user is left
+    as it is, for the cluster helper and the test's inspection."""
+    tmp = tmp_path_factory.mktemp("acl-cluster")
+    embedded = ""
+    with contextlib.suppress(EmbeddedServerError):
+        embedded = str(find_server_binary())
+    with contextlib.ExitStack() as stack:
+        if request.param == embedded:
+            cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        else:
+            cluster = LocalCluster(tmp, binary=Path(request.param))
+            stack.callback(cluster.stop)
+            cluster.start()
+        prefix = f"sst{uuid.uuid4().hex[:10]}"
+        passwords = {name: secrets.token_hex(12) for name in (*ROLES, "healthcheck", ADMIN)}
+        acl_text = render_acl((DEPLOY / "users.acl").read_text(), prefix, passwords)
+        add_users(cluster, acl_text, set(passwords))
+        stack.callback(remove_users, cluster, set(passwords))
+        nodes = ",".join(f"127.0.0.1:{node.port}" for node in cluster.nodes)
+        yield cluster, AclServer(cluster.nodes[0].port, prefix, passwords, tmp, nodes)
+
+
+def remove_users(cluster: LocalCluster, users: set[str]) -> None:
+    for node in cluster.nodes:
+        with node.client() as client:
+            client.execute_command("ACL", "DELUSER", *users)
 
 
 # -- the shipped server configuration --------------------------------------------------------------
@@ -360,7 +443,51 @@ async def test_open_without_credentials_says_so(acl_server: AclServer) -> None:
 
 
 async def test_each_role_works_with_its_own_user(fresh: AclServer) -> None:
-    admin = fresh.client(ADMIN)
+    await every_role_does_its_work(fresh)
+
+
+async def test_each_role_works_with_its_own_user_on_a_cluster(
+    acl_cluster: tuple[LocalCluster, AclServer],
+) -> None:
+    """The same work through ``redis+cluster://`` URLs, and nothing refused on the way but
+    what streamstore expects and works around (CLIENT SETINFO; INFO for the roles without it)."""
+    cluster, server = acl_cluster
+    for node in cluster.nodes:
+        with node.client() as client:
+            client.execute_command("ACL", "LOG", "RESET")
+
+    await every_role_does_its_work(emptied(server))
+
+    refused: set[tuple[str, str]] = set()
+    for node in cluster.nodes:
+        with node.client() as client:
+            for entry in client.acl_log():
+                if entry["username"] in server.passwords:
+                    refused.add((entry["username"], entry["object"]))
+    expected = {(role, "client|setinfo") for role in ROLES}
+    expected |= {("producer", "info"), ("subscriber", "info")}
+    assert refused <= expected
+
+
+@pytest.mark.parametrize("role", [*ROLES, "healthcheck"])
+def test_roles_may_discover_a_cluster_but_not_change_it(
+    acl_cluster: tuple[LocalCluster, AclServer], role: str
+) -> None:
+    """ACL DRYRUN on a cluster node: checked, never run."""
+    cluster, _ = acl_cluster
+    with cluster.nodes[0].client() as client:
+
+        def allowed(command: tuple[str, ...]) -> bool:
+            return client.execute_command("ACL", "DRYRUN", role, *command) in (b"OK", "OK")
+
+        if role != "healthcheck":  # a PING to one node: no cluster client
+            assert [c for c in CLUSTER_DISCOVERY if not allowed(c)] == []
+        assert [c for c in CLUSTER_CHANGES if allowed(c)] == []
+
+
+async def every_role_does_its_work(fresh: AclServer) -> None:
+    """Each role's part of a session's life, with its own user alone."""
+    admin = fresh.admin()
     keys = fresh.keys
     persister_settings = PersisterSettings(consumer="p1", claim_idle=60.0)
     open_ = StreamStore.open
@@ -491,6 +618,7 @@ def refused_commands(role: str, keys: Keyspace) -> list[tuple[str, ...]]:
         ("SELECT", "1"),
         ("UNLINK", stream),
         ("RENAME", feed, stream),
+        *CLUSTER_CHANGES,  # refused before a single server could say it has no cluster
     ]
     by_role: dict[str, list[tuple[str, ...]]] = {
         "producer": [

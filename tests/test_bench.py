@@ -1,18 +1,28 @@
-"""The bench runs end to end at tiny counts and reports every figure; speed is never asserted."""
+"""The bench runs end to end at tiny counts and reports every figure; speed is never asserted.
+
+It runs on the embedded server with SQLite history and, when ``STREAMSTORE_TEST_POSTGRES_URL``
+names a database, on the three-master cluster of tests/cluster.py with PostgreSQL history.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 import redis.asyncio
 
 from streamstore import Settings
-from streamstore.bench import add_bench_arguments, run_bench
+from streamstore.bench import BenchReport, add_bench_arguments, run_bench
+from tests.cluster import LocalCluster
+
+POSTGRES_URL = os.environ.get("STREAMSTORE_TEST_POSTGRES_URL", "")
+TINY = ["--quick", "--messages", "300", "--rate", "400", "--duration", "0.25"]
 
 FIGURES = {
     "publish, 1 producer / XADD",
@@ -28,6 +38,25 @@ FIGURES = {
     "latency max / XADD -> XREAD BLOCK",
     "peak RSS / RSS at start",
 }
+POSTGRES_FIGURES = (
+    FIGURES - {"persist / sqlite3 executemany", "replay from history / sqlite3 SELECT"}
+) | {"persist / asyncpg COPY", "replay from history / asyncpg SELECT"}
+
+
+def tiny_args(*extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    return parser.parse_args([*TINY, *extra])
+
+
+def assert_every_figure(report: BenchReport, names: set[str]) -> None:
+    assert {figure.name for figure in report.figures} == names
+    assert len(report.figures) == len(names)
+    for figure in report.figures:
+        assert figure.value > 0, figure
+        assert figure.baseline > 0, figure
+        assert math.isfinite(figure.ratio), figure
+        assert figure.ratio > 0, figure
 
 
 async def test_quick_bench_reports_every_figure_and_cleans_up(
@@ -39,23 +68,16 @@ async def test_quick_bench_reports_every_figure_and_cleans_up(
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
     json_path = tmp_path / "bench.json"
-    tiny = ["--messages", "300", "--rate", "400", "--duration", "0.25"]
-    args = parser.parse_args(["--quick", *tiny, "--json", str(json_path)])
     lines: list[str] = []
 
-    report = await run_bench(args, settings, lines.append)
+    report = await run_bench(tiny_args("--json", str(json_path)), settings, lines.append)
 
-    assert {figure.name for figure in report.figures} == FIGURES
-    assert len(report.figures) == len(FIGURES)
-    for figure in report.figures:
-        assert figure.value > 0, figure
-        assert figure.baseline > 0, figure
-        assert math.isfinite(figure.ratio), figure
-        assert figure.ratio > 0, figure
+    assert_every_figure(report, FIGURES)
+    assert (report.topology, report.history.split()[0]) == ("single node", "SQLite")
+    assert "single node" in lines[0]
     written = orjson.loads(json_path.read_bytes())
+    assert (written["topology"], written["history"]) == (report.topology, report.history)
     assert [f["name"] for f in written["figures"]] == [f.name for f in report.figures]
     for entry in written["figures"]:
         assert set(entry) >= {"name", "value", "unit", "baseline", "ratio"}
@@ -72,6 +94,52 @@ async def test_quick_bench_reports_every_figure_and_cleans_up(
     # Nothing left behind: no bench keys on the (shared) server, no scratch files.
     assert [key async for key in raw.scan_iter(match="bench*")] == []
     assert list(scratch.iterdir()) == []
+
+
+async def test_quick_bench_on_a_cluster_with_postgres_history(
+    redis_cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw baseline through RedisCluster, history in a PostgreSQL schema per step; every key
+    (on every primary) and every schema is gone afterwards."""
+    if not POSTGRES_URL:
+        pytest.skip("STREAMSTORE_TEST_POSTGRES_URL is not set")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    settings = Settings(
+        redis_url=redis_cluster.url,
+        history_url=f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema=ignored",
+        partitions=4,
+        block=0.5,
+        socket_timeout=5.0,
+    )
+    schemas_before = await bench_schemas()
+    lines: list[str] = []
+
+    report = await run_bench(tiny_args(), settings, lines.append)
+
+    assert_every_figure(report, POSTGRES_FIGURES)
+    assert report.topology == "cluster of 3 primaries"
+    assert report.history.startswith("PostgreSQL 1")
+    assert "cluster of 3 primaries" in lines[0]
+    assert "PostgreSQL" in lines[0]
+    for node in redis_cluster.nodes:
+        with node.client() as client:
+            assert list(client.scan_iter(match="bench*")) == []
+    assert await bench_schemas() == schemas_before
+    assert list(scratch.iterdir()) == []
+
+
+async def bench_schemas() -> set[str]:
+    """Schemas that look like the bench's (``bench<hex>``), and the one it was told to use."""
+    connection = await asyncpg.connect(POSTGRES_URL)
+    try:
+        rows = await connection.fetch(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench%' OR nspname = 'ignored'"
+        )
+    finally:
+        await connection.close()
+    return {row["nspname"] for row in rows}
 
 
 def test_options_refuse_non_positive_counts() -> None:
