@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import anyio
 import pytest
+import redis.asyncio
 from redis.asyncio.connection import Connection
 
-from streamstore import Settings, StreamStore
+from streamstore import Message, Settings, StreamId, StreamStore
 from streamstore.connection import _TCPConnection
 from streamstore.embedded import EmbeddedServer
 
@@ -47,3 +50,32 @@ async def test_calls_after_a_server_restart_are_retried_on_a_new_connection(
             assert [m.id async for m in store.replay(session.id)][-1] == after.id
     finally:
         server.stop()
+
+
+async def test_held_connections_go_back_to_the_pool(settings: Settings) -> None:
+    """The coalescer and every live follower keep a connection out of the pool while they
+    work; each gives it back when done, so a small pool serves any number of them in turn,
+    and closing the store leaves none checked out."""
+
+    async def first_after(
+        store: StreamStore, session_id: str, after: StreamId, seen: list[Message]
+    ) -> None:
+        async with contextlib.aclosing(store.subscribe(session_id, after=after)) as live:
+            async for message in live:
+                seen.append(message)
+                return
+
+    async with StreamStore.open(settings=settings.replace(max_connections=4)) as store:
+        session = await store.create_session(["a", "b"])
+        last = await store.publish(session.id, sender="a", content="first")
+        for i in range(12):
+            assert last.stream_id is not None
+            seen: list[Message] = []
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(first_after, store, session.id, last.stream_id, seen)
+                    last = await store.publish(session.id, sender="a", content=f"{i}")
+            assert [m.id for m in seen] == [last.id]
+        client = store.client
+    assert isinstance(client, redis.asyncio.Redis)
+    assert not client.connection_pool._in_use_connections
