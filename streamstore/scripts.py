@@ -18,9 +18,10 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 
+from streamstore.codec import encode_session
 from streamstore.connection import Client
 from streamstore.keys import GROUP, Keyspace
-from streamstore.models import StreamId
+from streamstore.models import Session, StreamId
 
 __all__ = ["Scripts"]
 
@@ -97,17 +98,17 @@ class Scripts:
     async def end_session(
         self,
         keys: Keyspace,
-        session_id: str,
+        ended: Session,
         *,
-        state: str,
         now: float,
-        snapshot: bytes,
         tombstone_ms: int,
         idle_before: float | None = None,
     ) -> Any:
-        """Close or delete a session (see end_session.lua); with ``idle_before``, only if its
-        idle deadline is still at or before that time."""
-        session = keys.session(session_id)
+        """Close or delete a session (see end_session.lua): ``ended`` is its snapshot in the
+        new state, sent down the feed to history; with ``idle_before``, only if its idle
+        deadline is still at or before that time. Returns the state it had (None: no live
+        keys)."""
+        session = keys.session(ended.id)
         return await self._end_session(
             keys=[
                 session.meta,
@@ -118,10 +119,10 @@ class Scripts:
                 session.feed,
             ],
             args=[
-                session_id,
-                state,
+                ended.id,
+                str(ended.state),
                 repr(now),
-                snapshot,
+                encode_session(ended),
                 tombstone_ms,
                 "" if idle_before is None else repr(idle_before),
             ],

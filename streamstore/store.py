@@ -291,10 +291,8 @@ class StreamStore:
         with translate_redis_errors():
             previous = await self._scripts.end_session(
                 self.keys,
-                session_id,
-                state=str(state),
+                ended,
                 now=ended.last_active_at,
-                snapshot=encode_session(ended),
                 tombstone_ms=self.settings.tombstone_ms,
             )
         if previous is None and current.state is not state:

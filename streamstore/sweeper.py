@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from streamstore.codec import decode_session_meta, encode_session
+from streamstore.codec import decode_session_meta
 from streamstore.config import SweeperSettings
 from streamstore.errors import (
     ConnectionLostError,
@@ -151,10 +151,8 @@ class Sweeper:
             with translate_redis_errors():
                 previous = await self._scripts.end_session(
                     self._keys,
-                    session_id,
-                    state=str(SessionState.CLOSED),
+                    ended,
                     now=now,
-                    snapshot=encode_session(ended),
                     tombstone_ms=self._store.settings.tombstone_ms,
                     idle_before=now,
                 )
