@@ -32,6 +32,9 @@ from streamstore.held import HeldConnection
 
 __all__ = ["PublishBatch", "PublishCoalescer"]
 
+MAX_BATCH = 1000
+"""Messages in one publish call at most: a bound on how long one script call holds the
+server (and on the arguments its Lua unpacks at once)."""
 MAX_MESSAGES = 512
 """Messages merged into one script call (a longer script would hold up the server)."""
 MAX_CALLS = 64
@@ -236,11 +239,7 @@ class PublishCoalescer:
                 elif isinstance(reply, Exception):
                     _fail([call], reply)
                 else:
-                    for pending, answer in zip(call, reply, strict=True):
-                        try:
-                            pending.result = _answer(answer)
-                        except redis.exceptions.ResponseError as refused:
-                            pending.error = refused
+                    _answer(call, reply)
             if not again:
                 return
             if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
@@ -265,15 +264,20 @@ class PublishCoalescer:
             return await pipe.execute(raise_on_error=False)
 
 
-def _answer(reply: list[Any]) -> list[Any]:
-    """One batch's answer without its status.
-
-    Raises:
-        redis.exceptions.ResponseError: the batch was refused; the message is the refusal.
-    """
-    if reply[0] != b"ok":
-        raise redis.exceptions.ResponseError(reply[0].decode("utf-8", "replace"))
-    return reply[1:]
+def _answer(call: list[_Pending], reply: list[Any]) -> None:
+    """Give each publish of ``call`` its part of the script's flat reply: after ``ok``, a
+    stream id and a flag per message of its batch; else the refusal alone, raised to it as a
+    :class:`~redis.exceptions.ResponseError`."""
+    at = 0
+    for pending in call:
+        status = reply[at]
+        if status == b"ok":
+            end = at + 1 + len(pending.batch.pairs)
+            pending.result = reply[at + 1 : end]
+            at = end
+        else:
+            pending.error = redis.exceptions.ResponseError(status.decode("utf-8", "replace"))
+            at += 1
 
 
 def _fail(calls: list[list[_Pending]], error: BaseException) -> None:

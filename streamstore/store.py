@@ -16,7 +16,7 @@ import orjson
 import redis.exceptions
 from redis.asyncio import RedisCluster
 
-from streamstore.coalescer import PublishBatch, PublishCoalescer
+from streamstore.coalescer import MAX_BATCH, PublishBatch, PublishCoalescer
 from streamstore.codec import decode_session_meta, encode_message, encode_metadata, encode_session
 from streamstore.config import Settings
 from streamstore.connection import (
@@ -348,10 +348,12 @@ class StreamStore:
         """Append several messages to one session in one atomic round trip.
 
         Each item holds the keyword arguments of :meth:`publish`. Every item is validated
-        before anything is written; then all of them are stored, or none.
+        before anything is written; then all of them are stored, or none. One call takes at
+        most 1,000 messages (one script call holds the server while it runs).
 
         Raises:
-            ValidationError: an item is malformed (nothing is written).
+            ValidationError: an item is malformed, or there are more than 1,000 (nothing is
+                written).
             MessageTooLargeError: an item is too large (nothing is written).
             SessionNotFoundError, SessionClosedError, BackpressureError, ConnectionLostError,
             ServerError: as for :meth:`publish`.
@@ -363,6 +365,8 @@ class StreamStore:
             if unknown:
                 raise ValidationError(f"unknown message fields: {sorted(unknown)}")
             drafts.append(self._draft(session_id, **spec))
+            if len(drafts) > MAX_BATCH:
+                raise ValidationError(f"publish_many takes at most {MAX_BATCH} messages a call")
         if not drafts:
             return []
         return await self._publish_drafts(session_id, drafts)

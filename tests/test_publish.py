@@ -82,6 +82,17 @@ async def test_publish_many_is_one_atomic_batch(
     assert [m.metadata for m in replayed] == [{"i": i} for i in range(100)]
 
 
+async def test_publish_many_takes_at_most_a_thousand_messages(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    session = await store.create_session(["a"])
+    with pytest.raises(ValidationError, match="at most 1000"):
+        await store.publish_many(session.id, [{"sender": "a", "content": "x"}] * 1001)
+    assert await stream_ids(raw, store.keys.session(session.id).stream) == []
+    published = await store.publish_many(session.id, [{"sender": "a", "content": "x"}] * 1000)
+    assert len({m.stream_id for m in published}) == 1000
+
+
 async def test_concurrent_producers_keep_one_order(store: StreamStore) -> None:
     session = await store.create_session([f"p{i}" for i in range(8)])
     published: list[Any] = []
