@@ -8,6 +8,10 @@ one run, not raw figures across runs. Every step works under a key prefix of its
 its keys when it ends (never FLUSHDB, on every primary of a cluster) and keeps its history in a
 SQLite file in a temporary directory, or, with a ``postgresql://`` history URL, in a PostgreSQL
 schema of its own that it drops when it ends.
+
+``--hold SECONDS`` adds a step with no hand-written counterpart: a real ``streamstore worker``
+subprocess persisting a load held at a fixed rate, its memory and CPU time read from /proc
+(Linux only) to show whether its RSS stays flat.
 """
 
 from __future__ import annotations
@@ -15,19 +19,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import resource
+import signal
 import sqlite3
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -66,11 +75,35 @@ DEFAULT_MESSAGES: Final = 50_000
 QUICK_DURATION: Final = 3.0
 DEFAULT_DURATION: Final = 10.0
 DEFAULT_RATE: Final = 2_000.0
+DEFAULT_HOLD_RATE: Final = 2_000.0
+HOLD_PRODUCERS: Final = 8
+"""Concurrent producers of the hold step, each awaiting every publish."""
+HOLD_SESSIONS: Final = 32
+"""Sessions the hold step publishes to, round robin."""
 
 _HEAD_START: Final = 0.1
 """Seconds a latency reader gets to issue its first blocking read before publishing starts,
 so that the first messages do not measure the reader's start-up."""
 _STEPS: Final = 7
+"""Steps without ``--hold``, which adds one."""
+_HOLD_WARM_UP: Final = 0.1
+"""The share of the hold after which the worker's RSS is taken as its start."""
+_HOLD_SAMPLE_EVERY: Final = 1.0
+"""Seconds between samples of the worker, unless the hold is too short for
+``_HOLD_SAMPLES`` of them."""
+_HOLD_SAMPLES: Final = 30
+"""Samples of the worker over the hold, at least: half of them make its RSS growth."""
+_HOLD_PROGRESS_EVERY: Final = 10.0
+"""Seconds between progress lines during the hold."""
+_WORKER_READY_TIMEOUT: Final = 30.0
+_WORKER_STOP_TIMEOUT: Final = 30.0
+"""Seconds the worker has to exit after SIGTERM before it is killed."""
+_DRAIN_TIMEOUT: Final = 120.0
+"""Seconds the worker has to persist what is left once the hold's publishing ends."""
+_WORKER_READY: Final = "worker ready"
+"""What ``streamstore worker`` logs once it reads its feeds (cli.py)."""
+_HOLD_CONSUMER: Final = "bench-hold"
+_PROC: Final = Path("/proc")
 _GROUP: Final = "bench"
 _SENDER: Final = "agent-1"
 _RECIPIENT: Final = "agent-2"
@@ -114,22 +147,24 @@ class Figure:
 
     Attributes:
         name: what was measured and against what, stable across runs.
-        unit: ``msg/s``, ``ms`` or ``MiB``.
+        unit: ``msg/s``, ``ms``, ``MiB``, ``MiB/min``, ``entries`` or ``%``.
         value: the streamstore figure.
-        baseline: the hand-written baseline's figure.
+        baseline: the hand-written baseline's figure; for the hold's worker, what its figure
+            is compared with (its RSS after warm-up, the rate asked for); None where nothing
+            compares (its RSS growth, backlog and CPU).
         higher_is_better: True for throughputs, False for latencies and memory.
     """
 
     name: str
     unit: str
     value: float
-    baseline: float
+    baseline: float | None
     higher_is_better: bool = True
 
     @property
-    def ratio(self) -> float:
-        """streamstore / baseline."""
-        return self.value / self.baseline
+    def ratio(self) -> float | None:
+        """streamstore / baseline (None without a baseline)."""
+        return None if self.baseline is None else self.value / self.baseline
 
     def as_dict(self) -> dict[str, object]:
         """The figure as a JSON object."""
@@ -151,6 +186,7 @@ class BenchReport:
         server: the server's name and version (the oldest primary's on a cluster).
         topology: ``single node`` or ``cluster of N primaries``.
         history: the history the steps used: ``SQLite <version>`` or ``PostgreSQL <version>``.
+        hold: the seconds of ``--hold`` (None: not asked for), at ``hold_rate`` messages/s.
     """
 
     server: str
@@ -161,6 +197,8 @@ class BenchReport:
     duration: float
     seconds: float
     figures: tuple[Figure, ...]
+    hold: float | None
+    hold_rate: float
 
     def as_dict(self) -> dict[str, object]:
         """The report as a JSON object (what ``--json`` writes)."""
@@ -172,6 +210,8 @@ class BenchReport:
             "rate": self.rate,
             "duration": self.duration,
             "seconds": self.seconds,
+            "hold": self.hold,
+            "hold_rate": self.hold_rate,
             "figures": [figure.as_dict() for figure in self.figures],
         }
 
@@ -183,7 +223,7 @@ class BenchReport:
                 f.name,
                 _format(f.value, f.unit),
                 _format(f.baseline, f.unit),
-                f"{f.ratio:.2f}x",
+                "-" if f.ratio is None else f"{f.ratio:.2f}x",
             )
             for f in self.figures
         ]
@@ -204,6 +244,8 @@ class _Options:
     messages: int
     rate: float
     duration: float
+    hold: float | None
+    hold_rate: float
     json_path: Path | None
 
     @classmethod
@@ -213,6 +255,8 @@ class _Options:
             messages=args.messages or (QUICK_MESSAGES if quick else DEFAULT_MESSAGES),
             rate=args.rate,
             duration=args.duration or (QUICK_DURATION if quick else DEFAULT_DURATION),
+            hold=args.hold,
+            hold_rate=args.hold_rate,
             json_path=None if args.json is None else Path(args.json),
         )
 
@@ -246,6 +290,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"length of the latency step (default: {DEFAULT_DURATION:g}; "
         f"--quick: {QUICK_DURATION:g})",
     )
+    parser.add_argument(
+        "--hold",
+        type=positive_float,
+        metavar="SECONDS",
+        help="then run a real `streamstore worker` for SECONDS under a load held at --hold-rate "
+        f"({HOLD_PRODUCERS} producers, {HOLD_SESSIONS} sessions) and report its RSS over time "
+        "(Linux only; default: off)",
+    )
+    parser.add_argument(
+        "--hold-rate",
+        type=positive_float,
+        default=DEFAULT_HOLD_RATE,
+        metavar="MSGS_PER_S",
+        help=f"messages per second of --hold (default: {DEFAULT_HOLD_RATE:,.0f})",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
 
 
@@ -263,12 +322,19 @@ async def run_bench(
     any other URL each step has a SQLite file in a temporary directory removed at the end, and
     the baseline uses sqlite3.
 
+    With ``--hold`` a ``streamstore worker`` subprocess runs on the same server and history
+    (see :meth:`_Bench.hold`); it is stopped before the run returns or raises.
+
     Raises:
         StreamStoreError: the server cannot be used (as from :meth:`StreamStore.open`).
         ConfigurationError: the ``postgresql://`` history URL is malformed.
         HistoryUnavailableError: PostgreSQL cannot be reached or refuses the login.
         HistoryError: a step's PostgreSQL history cannot be opened.
-        RuntimeError: streamstore lost or repeated a message during the run.
+        BackpressureError: during the hold, the worker fell so far behind that a publish was
+            refused.
+        RuntimeError: streamstore lost or repeated a message during the run, or the hold's
+            worker did not start, died, fell behind or exited with an error.
+        OSError: the hold's worker could not be started.
     """
     options = _Options.from_args(args)
     started = time.perf_counter()
@@ -287,21 +353,32 @@ async def run_bench(
             stack.push_async_callback(raw.aclose)
             server = f"{host.server.name} {'.'.join(map(str, host.server.version))}"
             topology = await _topology(host.client)
+            held = (
+                ""
+                if options.hold is None
+                else f"; a worker held at {options.hold_rate:,.0f} msg/s for {options.hold:g} s"
+            )
             say(
                 f"streamstore bench: {server}, {topology}, at {redact_url(host.url)}; history "
                 f"{history.kind}; {base.partitions} partitions, {options.messages:,} messages "
                 f"per step, latency at {options.rate:,.0f} msg/s for {options.duration:g} s"
+                f"{held}"
             )
-            bench = _Bench(base.replace(redis_url=host.url), raw, history, options, say)
+            bench = _Bench(
+                base.replace(redis_url=host.url), raw, history, options, say, scratch=Path(scratch)
+            )
             await bench.publish(producers=1, step=1)
             for step, producers in enumerate(CONCURRENCY, start=2):
                 await bench.publish(producers=producers, step=step)
             await bench.publish_batched(step=4)
             await bench.persist_and_replay(step=5)
             await bench.latency(step=6)
+            if options.hold is not None:
+                await bench.hold(options.hold, step=7)
     peak = _peak_rss_mib()
     bench.add(Figure("peak RSS / RSS at start", "MiB", peak, rss_at_start, False))
-    say(f"[7/{_STEPS}] peak RSS: {peak:,.1f} MiB ({rss_at_start:,.1f} MiB at start)")
+    last = bench.steps
+    say(f"[{last}/{last}] peak RSS: {peak:,.1f} MiB ({rss_at_start:,.1f} MiB at start)")
     report = BenchReport(
         server=server,
         topology=topology,
@@ -311,6 +388,8 @@ async def run_bench(
         duration=options.duration,
         seconds=time.perf_counter() - started,
         figures=tuple(bench.figures),
+        hold=options.hold,
+        hold_rate=options.hold_rate,
     )
     for line in report.table():
         say(line)
@@ -330,13 +409,18 @@ class _Bench:
         history: _HistoryBaseline,
         options: _Options,
         say: Callable[[str], None],
+        *,
+        scratch: Path,
     ) -> None:
         self._settings = settings
         self._raw = raw
         self._history = history
+        self._scratch = scratch
         self._options = options
         self._say = say
         self.figures: list[Figure] = []
+        self.steps = _STEPS if options.hold is None else _STEPS + 1
+        """How many steps the progress lines count."""
 
     def add(self, figure: Figure) -> None:
         """Record a figure for the report."""
@@ -450,7 +534,7 @@ class _Bench:
         ]
         self.figures.extend(figures)
         self._say(
-            f"[{step}/{_STEPS}] persist, {count:,} messages: streamstore {persist:,.0f} msg/s; "
+            f"[{step}/{self.steps}] persist, {count:,} messages: streamstore {persist:,.0f} msg/s; "
             f"XREADGROUP+XACK {count / read_s:,.0f} msg/s, {writes} {count / write_s:,.0f} "
             f"msg/s, both {figures[-1].baseline:,.0f} msg/s ({figures[-1].ratio:.2f}x); history "
             f"commits took {stats.commit_seconds:.2f} of {drain_s:.2f} s; {tail} entries left in "
@@ -493,9 +577,159 @@ class _Bench:
             )
         p50, p99 = self.figures[-3], self.figures[-2]
         self._say(
-            f"[{step}/{_STEPS}] latency, {total:,} messages at {store_rate:,.0f} msg/s "
+            f"[{step}/{self.steps}] latency, {total:,} messages at {store_rate:,.0f} msg/s "
             f"(baseline {raw_rate:,.0f}): p50 {p50.value:.2f} ms vs {p50.baseline:.2f}, "
             f"p99 {p99.value:.2f} ms vs {p99.baseline:.2f}"
+        )
+
+    async def hold(self, seconds: float, *, step: int) -> None:
+        """A real ``streamstore worker`` subprocess, on the run's server under a key prefix and
+        history of the step's own, persisting ``seconds`` of load held at ``--hold-rate``
+        (``HOLD_PRODUCERS`` paced producers over ``HOLD_SESSIONS`` sessions), while its RSS
+        and CPU time are read from /proc and the feed backlog from :meth:`StreamStore.stats`;
+        then every message is awaited in history and the worker stopped with SIGTERM. Skipped,
+        with a line that says so, where there is no /proc.
+
+        Raises:
+            BackpressureError: the worker fell so far behind that a publish was refused.
+            RuntimeError: the worker did not start, died, lost or repeated a message, did not
+                catch up within ``_DRAIN_TIMEOUT`` seconds, or exited with an error.
+            OSError: the worker could not be started.
+        """
+        if not (_PROC / "self" / "status").exists():
+            self._say(f"[{step}/{self.steps}] hold: skipped, no /proc to read a worker's memory")
+            return
+        rate = self._options.hold_rate
+        total = max(1, round(rate * seconds))
+        async with self._store() as store:
+            sessions = [
+                (await store.create_session([_SENDER, _RECIPIENT])).id for _ in range(HOLD_SESSIONS)
+            ]
+            log_path = self._scratch / f"{store.keys.prefix}-worker.log"
+            async with _HoldWorker.run(store.settings, log_path) as worker:
+                ready_s = await worker.wait_ready()
+                self._say(
+                    f"[{step}/{self.steps}] hold: worker pid {worker.pid} ready in "
+                    f"{ready_s:.1f} s; {total:,} messages at {rate:,.0f} msg/s for {seconds:g} s "
+                    f"from {HOLD_PRODUCERS} producers over {HOLD_SESSIONS} sessions"
+                )
+                held = await self._held_load(
+                    store, worker, sessions, total=total, seconds=seconds, step=step
+                )
+                code = await worker.stop()
+                if code != 0:
+                    raise RuntimeError(
+                        f"the hold's worker exited with code {code} after SIGTERM; "
+                        f"{worker.log_tail()}"
+                    )
+        self._hold_figures(held, seconds, step=step)
+
+    async def _held_load(
+        self,
+        store: StreamStore,
+        worker: _HoldWorker,
+        sessions: list[str],
+        *,
+        total: int,
+        seconds: float,
+        step: int,
+    ) -> _Held:
+        """Publish ``total`` messages at ``--hold-rate`` (for ``seconds``) while sampling
+        ``worker``, then wait until history holds every message; the last sample is taken then.
+
+        Raises:
+            BackpressureError: a publish was refused.
+            RuntimeError: the worker died, or history did not get every message (exactly once)
+                within ``_DRAIN_TIMEOUT`` seconds.
+        """
+        rate = self._options.hold_rate
+        every = min(_HOLD_SAMPLE_EVERY, seconds / _HOLD_SAMPLES)
+        samples: list[_Sample] = []
+        published = 0
+        started = time.perf_counter()
+
+        async def sample() -> None:
+            ticks = 0
+            progress_at = _HOLD_PROGRESS_EVERY
+            while True:
+                samples.append(await _sample(store, worker, started))
+                last = samples[-1]
+                if progress_at <= last.t < seconds:
+                    progress_at += _HOLD_PROGRESS_EVERY
+                    cpu = (last.cpu - samples[0].cpu) / max(last.t - samples[0].t, 1e-9)
+                    self._say(
+                        f"[{step}/{self.steps}] hold: {last.t:.0f} of {seconds:g} s, "
+                        f"{published:,} published; worker RSS {last.rss:,.1f} MiB, CPU "
+                        f"{cpu:.0%} of a core; backlog {last.backlog:,}"
+                    )
+                ticks += 1
+                await anyio.sleep(max(0.0, started + ticks * every - time.perf_counter()))
+
+        async def produce(p: int) -> None:
+            nonlocal published
+            for i in range(p, total, HOLD_PRODUCERS):
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                await store.publish(
+                    sessions[i % len(sessions)],
+                    sender=_SENDER,
+                    recipient=_RECIPIENT,
+                    content=CONTENT,
+                )
+                published += 1
+
+        with _first_error():
+            async with anyio.create_task_group() as sampling:
+                sampling.start_soon(sample)
+                async with anyio.create_task_group() as producers:
+                    for p in range(HOLD_PRODUCERS):
+                        producers.start_soon(produce, p)
+                publish_s = time.perf_counter() - started
+                drain_s = await _persisted(store, total)
+                sampling.cancel_scope.cancel()
+        samples.append(await _sample(store, worker, started))
+        return _Held(total, publish_s, drain_s, samples)
+
+    def _hold_figures(self, held: _Held, seconds: float, *, step: int) -> None:
+        """The hold's figures from its samples: the worker's RSS after warm-up (the first
+        ``_HOLD_WARM_UP`` of the hold), at its peak and at the end, its growth over the second
+        half of the publishing (a least-squares slope), the rate achieved, the largest
+        backlog, and the worker's CPU time over wall time.
+
+        Raises:
+            RuntimeError: fewer than two samples fell in the second half (a starved sampler).
+        """
+        samples, end = held.samples, held.samples[-1]
+        warm = next(s for s in samples if s.t >= _HOLD_WARM_UP * seconds)
+        half = [s for s in samples if held.publish_s / 2 <= s.t <= held.publish_s]
+        if len(half) < 2:
+            raise RuntimeError(
+                f"only {len(half)} sample(s) of the worker in the second half of the hold"
+            )
+        slope = statistics.linear_regression([s.t for s in half], [s.rss for s in half]).slope
+        peak = max(s.rss for s in samples)
+        backlog = max(s.backlog for s in samples)
+        achieved = held.total / held.publish_s
+        cpu = (end.cpu - samples[0].cpu) / (end.t - samples[0].t)
+        self.figures.extend(
+            [
+                Figure("hold: worker RSS peak / after warm-up", "MiB", peak, warm.rss, False),
+                Figure("hold: worker RSS at end / after warm-up", "MiB", end.rss, warm.rss, False),
+                Figure("hold: worker RSS growth, 2nd half", "MiB/min", slope * 60, None, False),
+                Figure(
+                    "hold: publish rate / --hold-rate", "msg/s", achieved, self._options.hold_rate
+                ),
+                Figure("hold: max backlog", "entries", float(backlog), None, False),
+                Figure("hold: worker CPU", "%", cpu * 100, None, False),
+            ]
+        )
+        self._say(
+            f"[{step}/{self.steps}] hold, {held.total:,} messages at {achieved:,.0f} msg/s: "
+            f"worker RSS {warm.rss:,.1f} MiB after warm-up, peak {peak:,.1f}, {end.rss:,.1f} at "
+            f"the end, {slope * 60:+.2f} MiB/min over the second half ({len(half)} samples); "
+            f"max backlog {backlog:,}; worker CPU {cpu:.0%} of a core; all persisted "
+            f"{held.drain_s:.1f} s after the last publish; worker stopped, exit code 0"
         )
 
     async def _paced(
@@ -531,7 +765,7 @@ class _Bench:
         figure = Figure(name, "msg/s", count / store_s, count / raw_s)
         self.add(figure)
         self._say(
-            f"[{step}/{_STEPS}] {name}, {count:,} messages: streamstore {figure.value:,.0f} "
+            f"[{step}/{self.steps}] {name}, {count:,} messages: streamstore {figure.value:,.0f} "
             f"msg/s, baseline {figure.baseline:,.0f} msg/s ({figure.ratio:.2f}x)"
         )
 
@@ -553,6 +787,189 @@ async def _producers(producers: int, each: int, send: Callable[[int], Awaitable[
 
     await run(1)
     return await run(each)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """The hold's worker at one moment."""
+
+    t: float
+    """Seconds since publishing started."""
+    rss: float
+    """Resident memory (VmRSS), MiB."""
+    cpu: float
+    """CPU time so far, user + system, seconds."""
+    backlog: int
+    """Feed entries not yet persisted and trimmed, over all partitions."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What the hold published and sampled."""
+
+    total: int
+    publish_s: float
+    """Seconds from the first publish to the last one's return."""
+    drain_s: float
+    """Seconds from then until history held every message."""
+    samples: list[_Sample]
+    """Every ``_HOLD_SAMPLE_EVERY`` seconds (or ``_HOLD_SAMPLES`` over a short hold) until all
+    was persisted, then once more."""
+
+
+class _HoldWorker:
+    """``python -m streamstore worker`` as a subprocess of the bench, its output in a log file,
+    its memory and CPU time read from /proc."""
+
+    def __init__(self, process: anyio.abc.Process, log_path: Path) -> None:
+        self._process = process
+        self._log_path = log_path
+        self._started = time.perf_counter()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def run(cls, settings: Settings, log_path: Path) -> AsyncIterator[_HoldWorker]:
+        """Start a worker with ``settings`` and default persister and sweeper settings (as the
+        persist step's persister has); stop it (:meth:`stop`) when leaving, even when
+        cancelled. ``settings`` go as ``STREAMSTORE_*`` variables, replacing any the bench
+        inherited: arguments would show the URLs' passwords to ``ps``. The worker has a session
+        of its own, so that Ctrl-C reaches the bench only, which stops it.
+
+        Raises:
+            OSError: the interpreter cannot be started.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSTORE_")}
+        for name in Settings.__dataclass_fields__:
+            value = getattr(settings, name)
+            env[f"STREAMSTORE_{name.upper()}"] = "none" if value is None else str(value)
+        command = [sys.executable, "-m", "streamstore", "worker", "--consumer", _HOLD_CONSUMER]
+        # Shielded: a cancellation must not leave a started process without its owner.
+        with log_path.open("wb") as log, anyio.CancelScope(shield=True):
+            process = await anyio.open_process(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        worker = cls(process, log_path)
+        try:
+            yield worker
+        finally:
+            await worker.stop()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    async def wait_ready(self) -> float:
+        """Seconds from the start until the worker logged that it reads its feeds.
+
+        Raises:
+            RuntimeError: it exited first, or was not ready within ``_WORKER_READY_TIMEOUT``.
+        """
+        with anyio.move_on_after(_WORKER_READY_TIMEOUT):
+            while _WORKER_READY not in self._log_path.read_text(errors="replace"):
+                if self._process.returncode is not None:
+                    raise RuntimeError(
+                        f"the hold's worker exited with code {self._process.returncode} "
+                        f"before it was ready; {self.log_tail()}"
+                    )
+                await anyio.sleep(0.05)
+            return time.perf_counter() - self._started
+        raise RuntimeError(
+            f"the hold's worker was not ready within {_WORKER_READY_TIMEOUT:g} s; {self.log_tail()}"
+        )
+
+    def usage(self) -> tuple[float, float]:
+        """The worker's resident memory (VmRSS, MiB) and CPU time (user + system, seconds).
+
+        Raises:
+            RuntimeError: the worker has exited.
+        """
+        proc = _PROC / str(self.pid)
+        try:
+            status = (proc / "status").read_text()
+            stat = (proc / "stat").read_text()
+        except OSError as exc:  # exited and reaped
+            raise self._died() from exc
+        rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
+        if not rss:  # a zombie: exited, not yet reaped
+            raise self._died()
+        # proc(5): utime and stime are fields 14 and 15; the name (2) may hold spaces.
+        utime, stime = stat.rpartition(")")[2].split()[11:13]
+        return int(rss[0]) / 1024, (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+    async def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it still runs ``_WORKER_STOP_TIMEOUT`` seconds later (done
+        even when cancelled); returns the exit code (negative: the signal that ended it)."""
+        with anyio.CancelScope(shield=True):
+            if self._process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                    self._process.send_signal(signal.SIGTERM)
+                with anyio.move_on_after(_WORKER_STOP_TIMEOUT):
+                    await self._process.wait()
+                if self._process.returncode is None:
+                    self._process.kill()
+            await self._process.aclose()
+        return await self._process.wait()  # it has exited: this returns at once
+
+    def log_tail(self, lines: int = 10) -> str:
+        """The last lines of the worker's log, for an error message."""
+        tail = self._log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "its log ends:\n" + "\n".join(tail)
+
+    def _died(self) -> RuntimeError:
+        return RuntimeError(f"the hold's worker (pid {self.pid}) died; {self.log_tail()}")
+
+
+async def _sample(store: StreamStore, worker: _HoldWorker, started: float) -> _Sample:
+    """The worker's memory and CPU time now, and the feeds' backlog.
+
+    Raises:
+        RuntimeError: the worker has exited.
+        ConnectionLostError: the server cannot be reached.
+    """
+    t = time.perf_counter() - started
+    rss, cpu = worker.usage()
+    stats = await store.stats()
+    return _Sample(t, rss, cpu, stats.backlog)
+
+
+async def _persisted(store: StreamStore, total: int) -> float:
+    """Seconds until the history of ``store`` holds ``total`` messages.
+
+    Raises:
+        RuntimeError: it holds more (a message stored twice), or still fewer after
+            ``_DRAIN_TIMEOUT`` seconds.
+    """
+    started = time.perf_counter()
+    stored = 0
+    with anyio.move_on_after(_DRAIN_TIMEOUT):
+        # Another process writes that history: nothing to wait on but its count.
+        while (stored := await store.history_store.count_messages()) < total:  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+        if stored > total:
+            raise RuntimeError(f"published {total} messages but history holds {stored}")
+        return time.perf_counter() - started
+    raise RuntimeError(
+        f"the hold's worker persisted {stored} of {total} messages "
+        f"{_DRAIN_TIMEOUT:g} s after the last publish"
+    )
+
+
+@contextlib.contextmanager
+def _first_error() -> Iterator[None]:
+    """Raise the first error of failed (nested) task groups as itself, one of those the steps
+    document, not wrapped in groups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def _raw_fields() -> dict[FieldT, EncodableT]:
@@ -908,9 +1325,13 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
-def _format(value: float, unit: str) -> str:
-    if unit == "msg/s":
+def _format(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit in ("msg/s", "entries"):
         return f"{value:,.0f} {unit}"
     if unit == "ms":
         return f"{value:,.2f} {unit}"
+    if unit == "MiB/min":
+        return f"{value:+,.2f} {unit}"
     return f"{value:,.1f} {unit}"

@@ -1,7 +1,8 @@
 """The bench runs end to end at tiny counts and reports every figure; speed is never asserted.
 
 It runs on the embedded server with SQLite history and, when ``STREAMSTORE_TEST_POSTGRES_URL``
-names a database, on the three-master cluster of tests/cluster.py with PostgreSQL history.
+names a database, on the three-master cluster of tests/cluster.py with PostgreSQL history; with
+``--hold``, a real worker subprocess for a few seconds.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -41,6 +43,13 @@ FIGURES = {
 POSTGRES_FIGURES = (
     FIGURES - {"persist / sqlite3 executemany", "replay from history / sqlite3 SELECT"}
 ) | {"persist / asyncpg COPY", "replay from history / asyncpg SELECT"}
+HOLD_COMPARED = {
+    "hold: worker RSS peak / after warm-up",
+    "hold: worker RSS at end / after warm-up",
+    "hold: publish rate / --hold-rate",
+}
+HOLD_ALONE = {"hold: worker RSS growth, 2nd half", "hold: max backlog", "hold: worker CPU"}
+"""The hold's figures that have no baseline."""
 
 
 def tiny_args(*extra: str) -> argparse.Namespace:
@@ -49,12 +58,21 @@ def tiny_args(*extra: str) -> argparse.Namespace:
     return parser.parse_args([*TINY, *extra])
 
 
-def assert_every_figure(report: BenchReport, names: set[str]) -> None:
+def assert_every_figure(
+    report: BenchReport, names: set[str], *, alone: frozenset[str] = frozenset()
+) -> None:
+    """Every figure in ``names`` once, finite; positive and with a baseline unless ``alone``."""
     assert {figure.name for figure in report.figures} == names
     assert len(report.figures) == len(names)
     for figure in report.figures:
+        assert math.isfinite(figure.value), figure
+        if figure.name in alone:
+            assert (figure.baseline, figure.ratio) == (None, None), figure
+            continue
         assert figure.value > 0, figure
+        assert figure.baseline is not None, figure
         assert figure.baseline > 0, figure
+        assert figure.ratio is not None, figure
         assert math.isfinite(figure.ratio), figure
         assert figure.ratio > 0, figure
 
@@ -92,6 +110,44 @@ async def test_quick_bench_reports_every_figure_and_cleans_up(
     assert all(line in lines for line in table)
     assert sum(line.startswith("[") for line in lines) >= 7  # progress: a line per step
     # Nothing left behind: no bench keys on the (shared) server, no scratch files.
+    assert [key async for key in raw.scan_iter(match="bench*")] == []
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the hold reads /proc")
+async def test_hold_runs_a_worker_reports_its_memory_and_stops_it(
+    settings: Settings,
+    raw: redis.asyncio.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    lines: list[str] = []
+
+    report = await run_bench(tiny_args("--hold", "3", "--hold-rate", "300"), settings, lines.append)
+
+    assert_every_figure(report, FIGURES | HOLD_COMPARED | HOLD_ALONE, alone=frozenset(HOLD_ALONE))
+    figures = {figure.name: figure for figure in report.figures}
+    peak = figures["hold: worker RSS peak / after warm-up"]
+    assert peak.ratio is not None
+    assert peak.ratio >= 1  # the peak is over every sample, the one after warm-up too
+    assert peak.value >= figures["hold: worker RSS at end / after warm-up"].value
+    assert figures["hold: max backlog"].value >= 0
+    assert figures["hold: worker CPU"].value > 0
+    assert (report.hold, report.hold_rate) == (3, 300)
+    assert report.as_dict()["hold"] == 3
+    growth = next(line for line in report.table() if line.startswith("hold: worker RSS growth"))
+    assert [cell.strip() for cell in growth.split("|")][2:] == ["-", "-"]  # no baseline
+    hold_lines = [line for line in lines if line.startswith("[7/8] hold")]
+    assert len(hold_lines) >= 2  # the worker ready, then the figures
+    assert lines[-len(report.table()) - 1].startswith("[8/8] peak RSS")
+    # Nothing left behind: the worker stopped and reaped, no keys, no scratch files.
+    ready = re.search(r"worker pid (\d+) ready", hold_lines[0])
+    assert ready is not None, hold_lines[0]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(ready[1]), 0)
     assert [key async for key in raw.scan_iter(match="bench*")] == []
     assert list(scratch.iterdir()) == []
 
@@ -145,6 +201,13 @@ async def bench_schemas() -> set[str]:
 def test_options_refuse_non_positive_counts() -> None:
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
-    for bad in (["--messages", "0"], ["--rate", "-1"], ["--duration", "nan"]):
+    for bad in (
+        ["--messages", "0"],
+        ["--rate", "-1"],
+        ["--duration", "nan"],
+        ["--hold", "0"],
+        ["--hold-rate", "inf"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+    assert parser.parse_args([]).hold is None  # the hold is off unless asked for
