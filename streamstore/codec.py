@@ -8,8 +8,7 @@ dead-letter it instead of wedging.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -17,13 +16,13 @@ from streamstore.errors import CorruptEntryError, ValidationError
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = [
-    "FeedEntry",
     "decode_feed_entry",
     "decode_message",
     "decode_session_meta",
     "encode_message",
     "encode_metadata",
     "encode_session",
+    "message_from_values",
 ]
 
 # Field names inside stream entries.
@@ -76,33 +75,70 @@ def decode_message(session_id: str, stream_id: bytes | StreamId, payload: object
     """Rebuild a message from its payload.
 
     Raises:
-        CorruptEntryError: the payload is not a message (bad UTF-8, bad JSON, wrong types).
+        CorruptEntryError: the payload is not a message (bad UTF-8, bad JSON, wrong types) or
+            the stream id is malformed.
     """
     body = _load_object(payload)
     try:
         mid, sender, content = body["id"], body["from"], body["c"]
-        recipient, metadata, ts = body.get("to"), body.get("meta"), body.get("ts", 0.0)
     except KeyError as exc:
         raise CorruptEntryError(f"message payload lacks field {exc}") from None
+    recipient, metadata, ts = body.get("to"), body.get("meta"), body.get("ts", 0.0)
     if not (isinstance(mid, str) and isinstance(sender, str) and isinstance(content, str)):
         raise CorruptEntryError("message id, sender and content must be strings")
     if recipient is not None and not isinstance(recipient, str):
         raise CorruptEntryError("message recipient must be a string or null")
     if metadata is not None and not isinstance(metadata, dict):
         raise CorruptEntryError("message metadata must be an object or null")
-    if isinstance(ts, bool) or not isinstance(ts, int | float):
-        raise CorruptEntryError("message timestamp must be a number")
+    if type(ts) is not float:  # orjson gives float or int; bool is an int to isinstance
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            raise CorruptEntryError("message timestamp must be a number")
+        ts = float(ts)
     sid = stream_id if isinstance(stream_id, StreamId) else _stream_id(stream_id)
-    return Message(
-        id=mid,
-        session_id=session_id,
-        sender=sender,
-        content=content,
-        recipient=recipient,
-        metadata=metadata,
-        timestamp=float(ts),
-        stream_id=sid,
-    )
+    return message_from_values(mid, session_id, sender, content, recipient, metadata, ts, sid)
+
+
+# Message's fields in declaration order, which message_from_values() sets one by one.
+_MESSAGE_FIELDS: Final = (
+    "id",
+    "session_id",
+    "sender",
+    "content",
+    "recipient",
+    "metadata",
+    "timestamp",
+    "stream_id",
+)
+_set_id, _set_session, _set_sender, _set_content, _set_recipient, _set_meta, _set_ts, _set_sid = (
+    getattr(Message, name).__set__ for name in _MESSAGE_FIELDS
+)
+_new_object: Final = object.__new__
+
+
+def message_from_values(  # noqa: PLR0917 - positional: what makes it fast
+    message_id: str,
+    session_id: str,
+    sender: str,
+    content: str,
+    recipient: str | None,
+    metadata: dict[str, Any] | None,
+    timestamp: float,
+    stream_id: StreamId | None,
+) -> Message:
+    """``Message(id=message_id, session_id=session_id, ...)`` for values already checked,
+    about three times faster: it fills the slots directly, where the frozen dataclass's
+    ``__init__`` goes through ``object.__setattr__`` once per field (replay and the persister
+    build one message per row). ``tests/test_codec.py`` checks that it sets every field."""
+    message: Message = _new_object(Message)
+    _set_id(message, message_id)
+    _set_session(message, session_id)
+    _set_sender(message, sender)
+    _set_content(message, content)
+    _set_recipient(message, recipient)
+    _set_meta(message, metadata)
+    _set_ts(message, timestamp)
+    _set_sid(message, stream_id)
+    return message
 
 
 def encode_session(session: Session) -> bytes:
@@ -142,16 +178,9 @@ def _decode_session(session_id: str, payload: object) -> Session:
         raise CorruptEntryError(f"session payload is malformed: {type(exc).__name__}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class FeedEntry:
-    """One decoded partition-feed entry: a message or a session snapshot."""
-
-    feed_id: bytes
-    item: Message | Session
-
-
-def decode_feed_entry(feed_id: bytes, fields: Mapping[bytes, bytes]) -> FeedEntry:
-    """Decode a raw feed entry as read by XREADGROUP.
+def decode_feed_entry(fields: Mapping[bytes, bytes]) -> Message | Session:
+    """Decode the fields of a feed entry as read by XREADGROUP: a message, or a session
+    snapshot for the catalog.
 
     Raises:
         CorruptEntryError: the entry is not a streamstore feed entry.
@@ -165,9 +194,9 @@ def decode_feed_entry(feed_id: bytes, fields: Mapping[bytes, bytes]) -> FeedEntr
         stream_raw = fields.get(F_STREAM_ID)
         if stream_raw is None:
             raise CorruptEntryError("message feed entry lacks its stream id")
-        return FeedEntry(feed_id, decode_message(session_id, stream_raw, payload))
+        return decode_message(session_id, stream_raw, payload)
     if kind == KIND_SESSION:
-        return FeedEntry(feed_id, _decode_session(session_id, payload))
+        return _decode_session(session_id, payload)
     raise CorruptEntryError(f"unknown feed entry kind {kind!r}")
 
 
@@ -198,7 +227,7 @@ def decode_session_meta(session_id: str, meta: Mapping[Any, Any]) -> Session:
 
 
 def _load_object(payload: object) -> dict[str, Any]:
-    if not isinstance(payload, bytes | str):
+    if not isinstance(payload, (bytes, str)):  # a tuple: `bytes | str` is built at every call
         raise CorruptEntryError("payload is not text")
     try:
         body = orjson.loads(payload)
@@ -217,7 +246,7 @@ def _text(raw: bytes, what: str) -> str:
 
 
 def _stream_id(raw: bytes) -> StreamId:
-    try:
-        return StreamId.parse(raw)
-    except ValidationError:
-        raise CorruptEntryError("stream id is malformed") from None
+    ms, dash, seq = raw.partition(b"-")
+    if not (dash and ms.isdigit() and seq.isdigit()):  # isdigit: int() would take " +1_0"
+        raise CorruptEntryError("stream id is malformed")
+    return StreamId(int(ms), int(seq))

@@ -3,7 +3,9 @@
 Each consumer-group step is written once: create the group (idempotent, at ``0`` so no backlog
 is skipped), re-read our own pending entries, read new ones, claim entries of dead consumers,
 commit, acknowledge, advance watermarks and trim, dead-letter what cannot be decoded, recover
-from NOGROUP. History writes are idempotent, so every redelivery is absorbed.
+from NOGROUP. History writes are idempotent, so every redelivery is absorbed. New entries
+go through two tasks: while one commits a batch (in history's thread) and then acknowledges
+it, the other reads and decodes the next one.
 
 On one server, new entries of all feeds come from one blocking XREADGROUP. A Redis Cluster
 refuses a command on keys of several slots, and a blocking read of one feed would leave the
@@ -15,20 +17,22 @@ worker costs each node a few cheap reads per pause.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import redis.exceptions
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 from redis.asyncio import RedisCluster
 from redis.typing import EncodableT, FieldT
 
-from streamstore.codec import FeedEntry, decode_feed_entry
+from streamstore.codec import decode_feed_entry
 from streamstore.config import PersisterSettings
 from streamstore.connection import routed
 from streamstore.crashpoints import crash_if
@@ -62,6 +66,8 @@ Raw = tuple[str, bytes, dict[bytes, bytes]]
 """A feed entry as read: (feed key, entry id, fields)."""
 _Poison = tuple[str, bytes, dict[bytes, bytes], str]
 """An entry to dead-letter: (feed key, entry id, fields, reason)."""
+_Decoded = tuple[str, bytes, Message | Session]
+"""A decoded entry: (feed key, entry id, the message or session snapshot it carries)."""
 
 
 @dataclass
@@ -87,11 +93,41 @@ class PersisterStats:
 
 @dataclass
 class _Batch:
+    """Decoded entries on their way to one history transaction and their acknowledgement."""
+
+    entries: list[_Decoded] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     sessions: list[Session] = field(default_factory=list)
     ids: dict[str, list[bytes]] = field(default_factory=dict)
     # per feed, per session: (highest stream id, feed id of that entry)
     marks: dict[str, dict[str, tuple[StreamId, bytes]]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, entries: list[_Decoded]) -> _Batch:
+        """A batch of these entries."""
+        batch = cls()
+        for feed, entry_id, item in entries:
+            batch.add(feed, entry_id, item)
+        return batch
+
+    def add(self, feed: str, entry_id: bytes, item: Message | Session) -> None:
+        """Take one decoded entry: its item to write, its id to acknowledge, its mark."""
+        self.entries.append((feed, entry_id, item))
+        ids = self.ids.get(feed)
+        if ids is None:
+            ids = self.ids[feed] = []
+            self.marks[feed] = {}
+        ids.append(entry_id)
+        if isinstance(item, Session):
+            self.sessions.append(item)
+            return
+        self.messages.append(item)
+        stream_id = item.stream_id
+        assert stream_id is not None
+        marks = self.marks[feed]
+        previous = marks.get(item.session_id)
+        if previous is None or previous[0] < stream_id:
+            marks[item.session_id] = (stream_id, entry_id)
 
 
 class Persister:
@@ -163,8 +199,7 @@ class Persister:
         await self._ensure_groups()
         await self._reprocess_own_pending()
         await self._claim_idle()
-        while batch := await self._read(">", block_ms=None):
-            await self._process(batch)
+        await self._persist_new(block_ms=None, until=None)
         return self.stats
 
     # -- the loop -----------------------------------------------------------------------------
@@ -188,11 +223,7 @@ class Persister:
                     await self._reprocess_own_pending()
                     await self._claim_idle()
                     next_claim = time.monotonic() + self._settings.claim_interval_s
-                batch = await self._read(">", block_ms=block_ms)
-                if batch and not self._stopping:
-                    await self._process(batch)
-                elif batch:  # read but stopping: leave it pending for our next start
-                    break
+                await self._persist_new(block_ms=block_ms, until=next_claim)
                 backoff = self._settings.retry_backoff_s
             except (ConnectionLostError, ServerError, HistoryError) as exc:
                 self.stats.errors += 1
@@ -312,11 +343,44 @@ class Persister:
             replies: list[Any] = await pipe.execute()
         return [stream for reply in replies for stream in reply or []]
 
+    async def _persist_new(self, *, block_ms: int | None, until: float | None) -> None:
+        """Read new entries and persist them until a read finds none (without ``block_ms``),
+        ``until`` (a ``time.monotonic()`` value) passes, or :meth:`stop` is called.
+
+        One task commits a batch (in history's thread) and then acknowledges it while another
+        reads and decodes the next one, so each batch is acknowledged after its own commit and
+        at most two batches are in hand. Entries read after a stop was asked for stay pending
+        for our next start.
+
+        Raises:
+            ConnectionLostError, ServerError, HistoryError: as they happen; what was read and
+                not committed stays pending (re-read at recovery).
+        """
+        send, receive = anyio.create_memory_object_stream[_Batch]()
+        # The receiving end stays open until both tasks are done: a failed commit must not
+        # turn the reader's pending send into a second error (it is cancelled instead).
+        with receive, _first_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._commit_each, receive)
+                with send:
+                    while not self._stopping and (until is None or time.monotonic() < until):
+                        raw = await self._read(">", block_ms=block_ms)
+                        if self._stopping or (not raw and block_ms is None):
+                            break
+                        if raw:
+                            await send.send(await self._decode(raw))
+
+    async def _commit_each(self, batches: MemoryObjectReceiveStream[_Batch]) -> None:
+        """Commit and acknowledge batches one at a time, in the order they were read, until
+        the sending end is closed."""
+        async for batch in batches:
+            await self._commit(batch)
+
     async def _reprocess_own_pending(self) -> None:
         """Entries delivered to this consumer but never acknowledged (we crashed or failed)."""
-        while batch := await self._read("0", block_ms=None):
-            await self._process(batch)
-            if len(batch) < self._settings.batch_size:
+        while raw := await self._read("0", block_ms=None):
+            await self._commit(await self._decode(raw))
+            if len(raw) < self._settings.batch_size:
                 return
 
     async def _claim_idle(self) -> None:
@@ -335,11 +399,11 @@ class Persister:
                     count=self._settings.batch_size,
                 )
                 next_start, entries = reply[0], reply[1]
-                batch = [(feed, entry_id, fields) for entry_id, fields in entries if fields]
-                if batch:
-                    self.stats.claimed += len(batch)
+                raw = [(feed, entry_id, fields) for entry_id, fields in entries if fields]
+                if raw:
+                    self.stats.claimed += len(raw)
                     crash_if("during_claim")
-                    await self._process(batch)
+                    await self._commit(await self._decode(raw))
                 if next_start in (b"0-0", "0-0"):
                     break
                 start = next_start.decode() if isinstance(next_start, bytes) else next_start
@@ -360,26 +424,27 @@ class Persister:
 
     # -- one batch --------------------------------------------------------------------------
 
-    async def _process(self, raw: list[Raw]) -> None:
-        """Decode, dead-letter what does not decode, then commit and acknowledge the rest."""
+    async def _decode(self, raw: list[Raw]) -> _Batch:
+        """Decode a batch as read; dead-letter (and acknowledge) what does not decode."""
         self.stats.read += len(raw)
         crash_if("after_read")
-        entries: list[tuple[str, FeedEntry]] = []
+        batch = _Batch()
         poison: list[_Poison] = []
         for feed, entry_id, fields in raw:
             try:
-                entries.append((feed, decode_feed_entry(entry_id, fields)))
+                item = decode_feed_entry(fields)
             except CorruptEntryError as exc:
                 poison.append((feed, entry_id, fields, f"undecodable: {exc}"))
+            else:
+                batch.add(feed, entry_id, item)
         if poison:
             await self._dead_letter(poison)
-        if entries:
-            await self._commit(entries)
         self.stats.batches += 1
         self.stats.last_batch = len(raw)
+        return batch
 
-    async def _commit(self, entries: list[tuple[str, FeedEntry]]) -> None:
-        """Write entries in one transaction, then acknowledge them.
+    async def _commit(self, batch: _Batch) -> None:
+        """Write a batch in one transaction, then acknowledge it.
 
         When history refuses the batch, it is split in halves to isolate the entry at fault, so
         the rest is not held back. An entry refused alone ``max_deliveries`` times while history
@@ -388,10 +453,12 @@ class Persister:
 
         Raises:
             HistoryError: some entries stay unacknowledged (they are retried).
+            ConnectionLostError, ServerError: the acknowledgement failed after the commit (the
+                entries stay pending and are written again, absorbed as duplicates).
         """
-        batch = _Batch()
-        for feed, entry in entries:
-            _add(batch, feed, entry)
+        entries = batch.entries
+        if not entries:
+            return
         try:
             with anyio.move_on_after(COMMIT_DEADLINE, shield=True):
                 started = time.perf_counter()
@@ -413,7 +480,7 @@ class Persister:
             errors = []
             for part in (entries[:half], entries[half:]):
                 try:
-                    await self._commit(part)
+                    await self._commit(_Batch.of(part))
                 except HistoryError as part_error:
                     errors.append(part_error)
             if errors:
@@ -424,16 +491,16 @@ class Persister:
         self.stats.sessions += len(batch.sessions)
         log.debug("persister %s: committed %d entries, %d new", self._consumer, len(entries), new)
 
-    async def _count_failure(self, failed: tuple[str, FeedEntry], error: HistoryError) -> None:
-        feed, entry = failed
-        first, count = self._failures.get(entry.feed_id, (time.monotonic(), 0))
+    async def _count_failure(self, failed: _Decoded, error: HistoryError) -> None:
+        feed, entry_id, _ = failed
+        first, count = self._failures.get(entry_id, (time.monotonic(), 0))
         count += 1
-        self._failures[entry.feed_id] = (first, count)
+        self._failures[entry_id] = (first, count)
         if count >= self._settings.max_deliveries and self._last_success > first:
-            del self._failures[entry.feed_id]
-            fields = {b"entry": entry.feed_id}
+            del self._failures[entry_id]
+            fields = {b"entry": entry_id}
             reason = f"history refused it {count} times: {type(error).__name__}"
-            await self._dead_letter([(feed, entry.feed_id, fields, reason)])
+            await self._dead_letter([(feed, entry_id, fields, reason)])
             return
         raise error
 
@@ -493,18 +560,14 @@ class Persister:
                     await self._scripts.load(self._client)
 
 
-def _add(batch: _Batch, feed: str, entry: FeedEntry) -> None:
-    batch.ids.setdefault(feed, []).append(entry.feed_id)
-    item = entry.item
-    if isinstance(item, Session):
-        batch.sessions.append(item)
-        return
-    batch.messages.append(item)
-    assert item.stream_id is not None
-    marks = batch.marks.setdefault(feed, {})
-    previous = marks.get(item.session_id)
-    if previous is None or previous[0] < item.stream_id:
-        marks[item.session_id] = (item.stream_id, entry.feed_id)
+@contextlib.contextmanager
+def _first_error() -> Iterator[None]:
+    """Raise the first error of a failed task group as itself (the errors this module
+    documents), not wrapped in the group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
 
 
 def _dead_letter_record(

@@ -40,6 +40,9 @@ _END = StreamId(2**63 - 1, 2**63 - 1)
 """Above every real stream id: the floor of a session that lives only in history."""
 
 PAGE = 500
+"""Stream entries read per step from Redis."""
+HISTORY_PAGE = 2000
+"""Messages read per call from history (one thread hop and one query each)."""
 
 
 class SessionReader:
@@ -60,26 +63,33 @@ class SessionReader:
         self._settings = settings
 
     async def follow(
-        self, session_id: str, *, after: StreamId, follow: bool
+        self, session_id: str, *, after: StreamId, follow: bool, history_page: int | None = None
     ) -> AsyncGenerator[Message, None]:
         """Every message with stream id > ``after``, in order, each once; with ``follow``, then
-        the live ones until the session is closed.
+        the live ones until the session is closed. ``history_page`` caps the messages read
+        from history per call (default :data:`HISTORY_PAGE`), for a caller that wants few.
 
         Raises:
             ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
         """
+        page_size = history_page or HISTORY_PAGE
         cursor = after
         while True:
             state, floor, entries = await self._snapshot(session_id, "fwd", cursor, PAGE)
-            if floor > cursor:
-                older = self._history_range(session_id, cursor, floor)
-                async with contextlib.aclosing(older):
-                    async for message in older:
-                        cursor = message.stream_id or cursor
-                        yield message
+            while floor > cursor:  # the part below the floor: in history only
+                older = await self._history.read(
+                    session_id, after=cursor, before=floor, limit=page_size
+                )
+                for message in older:
+                    yield message
+                if older:
+                    cursor = older[-1].stream_id or cursor
+                if len(older) < page_size:
+                    break
             for message in entries:
-                cursor = message.stream_id or cursor
                 yield message
+            if entries:
+                cursor = entries[-1].stream_id or cursor
             if len(entries) == PAGE:
                 continue
             if not follow or state is not SessionState.ACTIVE:
@@ -102,10 +112,14 @@ class SessionReader:
         ``after`` if it is given, else the last ones before ``before`` (or the newest)."""
         if after is not None:
             out: list[Message] = []
-            async for message in self.follow(session_id, after=after, follow=False):
-                out.append(message)
-                if len(out) >= limit:
-                    break
+            messages = self.follow(
+                session_id, after=after, follow=False, history_page=min(limit, HISTORY_PAGE)
+            )
+            async with contextlib.aclosing(messages):
+                async for message in messages:
+                    out.append(message)
+                    if len(out) >= limit:
+                        break
             return out
         top = "+" if before is None else str(before)
         _, floor, entries = await self._snapshot(session_id, "rev", top, limit)
@@ -135,18 +149,6 @@ class SessionReader:
             return None, _END, []
         floor = StreamId.parse(floor_raw) if floor_raw else STREAM_START
         return SessionState(state_raw.decode()), floor, self._decode(session_id, entries)
-
-    async def _history_range(
-        self, session_id: str, after: StreamId, before: StreamId
-    ) -> AsyncGenerator[Message, None]:
-        cursor = after
-        while True:
-            rows = await self._history.read(session_id, after=cursor, before=before, limit=PAGE)
-            for row in rows:
-                cursor = row.stream_id or cursor
-                yield row
-            if len(rows) < PAGE:
-                return
 
     async def _live(self, session_id: str, cursor: StreamId) -> AsyncGenerator[Message, None]:
         """Blocking reads after ``cursor``; returns when the floor passes the cursor (the caller

@@ -7,10 +7,16 @@ hurts all of them alike; the best round of each is reported, with the median bes
 
 * raw-plain:  executemany into a table with only an ascending INTEGER PRIMARY KEY (the target
   ratio is measured against this one);
-* raw-schema: executemany into SQLiteHistory's own schema (its two unique indexes), with no
-  Python work: the floor SQLite itself sets for this layout;
+* raw-schema: executemany, one row per statement, into SQLiteHistory's own schema (its two
+  unique indexes), with no Python work: what this layout costs written the plain way;
 * history:    SQLiteHistory.write_batch from Message objects (thread hop, encoding, grouping,
-  duplicate accounting, deleted-session guard, catalog and message_ages updates).
+  100 rows per INSERT, duplicate accounting, deleted-session guard, catalog and message_ages
+  updates).
+
+With 100 sessions every commit dirties about one page of the position index per session, and
+the COMMIT (fsync of those pages) is most of a batch's time: no row layout with the two unique
+indexes the protocol asks for gets near raw-plain there. ``--sessions 1 --batch 1000`` is the
+persister's own shape in ``streamstore bench`` (one session, reads of 1000).
 
 ``--retention`` then fills one more file and times enforce_retention: by age (half of it), per
 session cap (half of the rest), catalog cap (half of the sessions, closed), with how long each

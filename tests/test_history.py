@@ -156,6 +156,31 @@ async def test_read_is_in_stream_order_whatever_the_insertion_order(store: Histo
     assert session.message_count == 60
 
 
+@pytest.mark.parametrize("size", [99, 100, 101, 250])
+async def test_batches_longer_than_one_insert_statement_count_exactly(
+    store: HistoryStore, size: int
+) -> None:
+    # SQLite inserts 100 rows per statement: redeliveries fall anywhere in those chunks.
+    batch = [message("abc"[i % 3], 1000 + i, id=f"m{i}") for i in range(size)]
+    assert await store.write_batch(batch[::2]) == len(batch[::2])
+    assert await store.write_batch(batch) == size - len(batch[::2])
+    assert await store.write_batch(batch) == 0
+    assert await store.count_messages() == size
+    for session_id in "abc":
+        expected = [m for m in batch if m.session_id == session_id]
+        assert await store.read(session_id, limit=1000) == expected
+        session = await store.get_session(session_id)
+        assert session is not None
+        assert (session.message_count, session.last_stream_id) == (
+            len(expected),
+            expected[-1].stream_id,
+        )
+    cut = batch[size // 2].timestamp  # the older half, whichever statement stored it
+    assert await store.enforce_retention(older_than=cut) == RetentionResult(messages=size // 2)
+    assert [m.id for m in await store.read("abc"[size // 2 % 3], limit=1)] == [f"m{size // 2}"]
+    await assert_counts_exact(store)
+
+
 async def test_read_windows(store: HistoryStore) -> None:
     await store.write_batch([message("s", ms, seq) for ms in (10, 20, 30) for seq in (0, 1)])
     await store.write_batch([message("other", 15)])

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 import redis.asyncio
 
@@ -346,3 +347,100 @@ async def test_sigkill_inside_the_sqlite_transaction_leaves_a_sound_file(
     assert restarted.terminate() == 0, restarted.log()
     rows = await history_rows(settings, {m.session_id for m in published})
     assert_exactly_once(published, rows, counts)
+
+
+class WatchfulHistory(MemoryHistory):
+    """Memory history that checks, at each commit, that the batch's entries are still pending
+    in the feed (not acknowledged yet), and holds the first commit until ``wait_for`` entries
+    are pending: the persister reads on meanwhile."""
+
+    def __init__(self, raw: redis.asyncio.Redis, feed: str, wait_for: int) -> None:
+        super().__init__()
+        self.raw = raw
+        self.feed = feed
+        self.wait_for = wait_for
+        self.commits: list[tuple[int, bool, int]] = []  # (entries, all pending, pending)
+
+    async def pending_message_ids(self) -> list[str]:
+        pending = await self.raw.xpending_range(self.feed, GROUP, "-", "+", 100_000)
+        ids = []
+        for entry in pending:
+            entry_id = entry["message_id"]
+            ((_, fields),) = await self.raw.xrange(self.feed, entry_id, entry_id)
+            ids.append(orjson.loads(fields[b"d"]).get("id", "session snapshot"))
+        return ids
+
+    async def write_batch(
+        self, messages: Sequence[Message], sessions: Sequence[Session] = ()
+    ) -> int:
+        if not self.commits:
+            with anyio.fail_after(10):  # a hang guard, not a measure
+                while len(await self.pending_message_ids()) < self.wait_for:
+                    await anyio.sleep(0.01)
+        pending = await self.pending_message_ids()
+        still_pending = all(m.id in pending for m in messages)
+        self.commits.append((len(messages) + len(sessions), still_pending, len(pending)))
+        return await super().write_batch(messages, sessions)
+
+
+async def test_next_batch_is_read_during_a_commit_and_acknowledged_after_its_own(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    session = await store.create_session(["a"])
+    published = await store.publish_many(
+        session.id, [{"sender": "a", "content": f"{i}"} for i in range(95)]
+    )
+    # The first batch (10 entries, the session's snapshot first) commits once the next is read.
+    history = WatchfulHistory(raw, store.keys.session(session.id).feed, wait_for=20)
+    await history.open()
+    persister = Persister(store, PersisterSettings(consumer="c1", batch_size=10), history=history)
+    stats = await persister.drain()
+    assert stats.persisted == len(published)
+    assert [size for size, _, _ in history.commits] == [10] * 9 + [6]
+    assert all(still_pending for _, still_pending, _ in history.commits)
+    assert max(pending for _, _, pending in history.commits) == 20  # two batches in hand at most
+    stored = await history.read(session.id, limit=1000)
+    assert [m.id for m in stored] == [m.id for m in published]
+    assert (await raw.xpending(store.keys.session(session.id).feed, GROUP))["pending"] == 0
+
+
+class FailingHistory(MemoryHistory):
+    """Memory history that is unavailable from its ``fail_from``-th write on."""
+
+    def __init__(self, fail_from: int) -> None:
+        super().__init__()
+        self.writes = 0
+        self.fail_from = fail_from
+
+    async def write_batch(
+        self, messages: Sequence[Message], sessions: Sequence[Session] = ()
+    ) -> int:
+        self.writes += 1
+        if self.writes >= self.fail_from:
+            raise HistoryUnavailableError("down")
+        return await super().write_batch(messages, sessions)
+
+
+async def test_history_failing_mid_drain_acknowledges_only_what_it_committed(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    session = await store.create_session(["a"])
+    published = await store.publish_many(
+        session.id, [{"sender": "a", "content": f"{i}"} for i in range(59)]
+    )
+    feed = store.keys.session(session.id).feed
+    history = FailingHistory(fail_from=3)
+    await history.open()
+    persister = Persister(store, PersisterSettings(consumer="c1", batch_size=10), history=history)
+    with pytest.raises(HistoryUnavailableError):  # itself, not in an exception group
+        await persister.drain()
+    committed = await history.count_messages() + 1  # with the session's snapshot
+    assert 20 <= committed < 60  # two transactions went through
+    (group,) = await raw.xinfo_groups(feed)
+    assert group["pending"] > 0  # at least the batch that failed
+    assert group["entries-read"] - group["pending"] == committed  # acknowledged: committed
+    history.fail_from = 1_000
+    await persister.drain()
+    stored = await history.read(session.id, limit=1000)
+    assert [m.id for m in stored] == [m.id for m in published]
+    assert (await raw.xpending(feed, GROUP))["pending"] == 0

@@ -18,6 +18,7 @@ from streamstore import (
     StreamStore,
     WaitTimeoutError,
 )
+from streamstore import replay as replay_module
 
 
 async def test_replay_spans_history_and_stream_in_order(store: StreamStore) -> None:
@@ -58,6 +59,30 @@ async def test_replay_after_trim_reads_trimmed_part_from_history(
         assert stream_len <= 1  # trimmed down to the watermark
         replayed = [m async for m in eager.replay(session.id)]
         assert [m.id for m in replayed] == [m.id for m in published]
+
+
+async def test_replay_pages_through_history_then_follows_live(
+    store: StreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replay_module, "HISTORY_PAGE", 7)  # many pages, and a partial last one
+    trimming = store.settings.replace(hot_tail=0)
+    async with StreamStore.open(settings=trimming) as eager:
+        session = await eager.create_session(["a"])
+        published = await eager.publish_many(
+            session.id,
+            [{"sender": "a", "content": f"{i}", "metadata": {"i": i}} for i in range(50)],
+        )
+        await Persister(eager, PersisterSettings(consumer="c1")).drain()
+        assert [m async for m in eager.replay(session.id)] == published
+        cursor = published[20].stream_id
+        assert [m async for m in eager.replay(session.id, after=cursor)] == published[21:]
+        followed = eager.replay(session.id, follow=True)
+        try:
+            assert [await anext(followed) for _ in published] == published
+            late = await eager.publish(session.id, sender="a", content="late")
+            assert await anext(followed) == late
+        finally:
+            await followed.aclose()
 
 
 async def test_unknown_session_cannot_be_replayed(store: StreamStore) -> None:
