@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+from redis.asyncio import Redis
 
 from streamstore.codec import F_DATA, decode_message
 from streamstore.config import Settings
@@ -26,6 +27,7 @@ from streamstore.errors import (
     ServerError,
     translate_redis_errors,
 )
+from streamstore.held import HeldConnection
 from streamstore.history import HistoryStore
 from streamstore.keys import Keyspace
 from streamstore.models import STREAM_START, Message, SessionState, StreamId
@@ -155,36 +157,41 @@ class SessionReader:
         then catches up from history) or the session stops being active."""
         keys = self._keys.session(session_id)
         block_ms = max(1, int(self._settings.block_s * 1000))
+        # A follower reads again and again: on one server it keeps a connection (a blocking
+        # read holds one anyway) rather than check one out of the pool for every read.
+        held = HeldConnection(self._client) if isinstance(self._client, Redis) else None
 
         async def read() -> list[Any]:
             # Both keys are in one slot: on a cluster too, one round trip to one node.
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.execute_command(
-                    "XREAD",
-                    "COUNT",
-                    PAGE,
-                    "BLOCK",
-                    block_ms,
-                    "STREAMS",
-                    keys.stream,
-                    str(cursor),
-                    **routed(self._client, keys.stream),
-                )
-                pipe.hmget(keys.meta, "floor", "state")
-                result: list[Any] = await pipe.execute()
-                return result
+            xread = ("XREAD", "COUNT", PAGE, "BLOCK", block_ms, "STREAMS", keys.stream, str(cursor))
+            meta = ("HMGET", keys.meta, "floor", "state")
+            if held is not None:
+                replies = await held.exchange([xread, meta])
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(*xread, **routed(self._client, keys.stream))
+                    pipe.execute_command(*meta)
+                    replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
 
-        while True:
-            streams, (floor_raw, state_raw) = await self._retrying(read)
-            floor = StreamId.parse(floor_raw) if floor_raw else STREAM_START
-            if not state_raw or floor > cursor:
-                return
-            entries = streams[0][1] if streams else []
-            for message in self._decode(session_id, entries):
-                cursor = message.stream_id or cursor
-                yield message
-            if not entries and state_raw != b"active":
-                return
+        try:
+            while True:
+                streams, (floor_raw, state_raw) = await self._retrying(read)
+                floor = StreamId.parse(floor_raw) if floor_raw else STREAM_START
+                if not state_raw or floor > cursor:
+                    return
+                entries = streams[0][1] if streams else []
+                for message in self._decode(session_id, entries):
+                    cursor = message.stream_id or cursor
+                    yield message
+                if not entries and state_raw != b"active":
+                    return
+        finally:
+            if held is not None:
+                await held.release()
 
     @staticmethod
     def _decode(session_id: str, entries: list[Any]) -> list[Message]:
