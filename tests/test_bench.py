@@ -77,15 +77,18 @@ def assert_every_figure(
         assert figure.ratio > 0, figure
 
 
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the bench's temporary directories go, so that a test can see none is left."""
+    directory = tmp_path / "scratch"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
 async def test_quick_bench_reports_every_figure_and_cleans_up(
-    settings: Settings,
-    raw: redis.asyncio.Redis,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings, raw: redis.asyncio.Redis, tmp_path: Path, scratch: Path
 ) -> None:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     json_path = tmp_path / "bench.json"
     lines: list[str] = []
 
@@ -111,19 +114,13 @@ async def test_quick_bench_reports_every_figure_and_cleans_up(
     assert sum(line.startswith("[") for line in lines) >= 7  # progress: a line per step
     # Nothing left behind: no bench keys on the (shared) server, no scratch files.
     assert [key async for key in raw.scan_iter(match="bench*")] == []
-    assert list(scratch.iterdir()) == []
+    assert os.listdir(scratch) == []
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the hold reads /proc")
 async def test_hold_runs_a_worker_reports_its_memory_and_stops_it(
-    settings: Settings,
-    raw: redis.asyncio.Redis,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings, raw: redis.asyncio.Redis, scratch: Path
 ) -> None:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     lines: list[str] = []
 
     report = await run_bench(tiny_args("--hold", "3", "--hold-rate", "300"), settings, lines.append)
@@ -149,19 +146,16 @@ async def test_hold_runs_a_worker_reports_its_memory_and_stops_it(
     with pytest.raises(ProcessLookupError):
         os.kill(int(ready[1]), 0)
     assert [key async for key in raw.scan_iter(match="bench*")] == []
-    assert list(scratch.iterdir()) == []
+    assert os.listdir(scratch) == []
 
 
 async def test_quick_bench_on_a_cluster_with_postgres_history(
-    redis_cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_cluster: LocalCluster, scratch: Path
 ) -> None:
     """Raw baseline through RedisCluster, history in a PostgreSQL schema per step; every key
     (on every primary) and every schema is gone afterwards."""
     if not POSTGRES_URL:
         pytest.skip("STREAMSTORE_TEST_POSTGRES_URL is not set")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     settings = Settings(
         redis_url=redis_cluster.url,
         history_url=f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}schema=ignored",
@@ -183,7 +177,7 @@ async def test_quick_bench_on_a_cluster_with_postgres_history(
         with node.client() as client:
             assert list(client.scan_iter(match="bench*")) == []
     assert await bench_schemas() == schemas_before
-    assert list(scratch.iterdir()) == []
+    assert os.listdir(scratch) == []
 
 
 async def bench_schemas() -> set[str]:
