@@ -393,11 +393,14 @@ async def run_under_load(store: StreamStore, fault: Callable[[], None], counts: 
         async with anyio.create_task_group() as tg:
             await tg.start(persister.run)
             tg.start_soon(subscriber)
-            tg.start_soon(publish_until, store, ids, stop, acked, tried)
-            await anyio.sleep(0.5)
-            await anyio.to_thread.run_sync(fault)
-            await anyio.sleep(0.5)
-            stop.set()
+            async with anyio.create_task_group() as producing:
+                producing.start_soon(publish_until, store, ids, stop, acked, tried)
+                await anyio.sleep(0.5)
+                await anyio.to_thread.run_sync(fault)
+                await anyio.sleep(0.5)
+                stop.set()
+            # The producer has returned: "the end" is the followed session's last message (two
+            # publishes in flight at once may be answered in either order).
             acked.append(await store.publish(ids[0], sender="a", content="the end"))
             while await store.history_store.count_messages() < len(acked):
                 await anyio.sleep(0.05)
