@@ -4,10 +4,11 @@ A publish made while no other is in flight goes straight to the server: no added
 idle. Publishes made while one is in flight queue up; the first of them becomes the *leader*
 and sends everything queued: the batches of many callers merged into one call of the publish
 script (on a cluster, one call per partition, since a script may only touch one slot), all
-calls in one pipeline. Then it hands the lead to the next waiting publish, if any. So 100
-concurrent publishers cost a few round trips and a few script runs, not 100 of each, and hold
-two connections, not 100 — with no background task to own (the store stays usable from any
-task). The queue is bounded: beyond it, callers wait for room.
+calls in one pipeline. When the round is answered, every waiting publish wakes: the answered
+ones return and the first of the others leads the next round. So 100 concurrent publishers
+cost a few round trips and a few script runs, not 100 of each, and hold two connections (kept
+out of the pool, see :mod:`streamstore.held`), not 100 — with no background task to own (the
+store stays usable from any task). The queue is bounded: beyond it, callers wait for a round.
 
 Each caller's batch stays atomic on its own inside a merged call (publish.lua checks and
 answers it separately), so merging changes no outcome, only the cost.
