@@ -48,6 +48,7 @@ __all__ = [
     "StreamStoreError",
     "ValidationError",
     "WaitTimeoutError",
+    "first_error",
     "translate_redis_errors",
 ]
 
@@ -154,3 +155,16 @@ def translate_redis_errors() -> Iterator[None]:
         if str(exc).startswith("OOM"):
             raise BackpressureError("the Redis server is out of memory") from exc
         raise ServerError(f"the Redis server refused a command: {exc}") from exc
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Re-raise the first error of a failed task group (nested ones too) as itself, so that
+    callers meet the errors a function documents, not a group wrapping them."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None

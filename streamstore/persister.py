@@ -17,11 +17,10 @@ worker costs each node a few cheap reads per pause.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ from streamstore.errors import (
     HistoryError,
     HistoryUnavailableError,
     ServerError,
+    first_error,
     translate_redis_errors,
 )
 from streamstore.history import HistoryStore
@@ -359,7 +359,7 @@ class Persister:
         send, receive = anyio.create_memory_object_stream[_Batch]()
         # The receiving end stays open until both tasks are done: a failed commit must not
         # turn the reader's pending send into a second error (it is cancelled instead).
-        with receive, _first_error():
+        with receive, first_error():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._commit_each, receive)
                 with send:
@@ -558,16 +558,6 @@ class Persister:
                     if attempt:
                         raise
                     await self._scripts.load(self._client)
-
-
-@contextlib.contextmanager
-def _first_error() -> Iterator[None]:
-    """Raise the first error of a failed task group as itself (the errors this module
-    documents), not wrapped in the group."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        raise group.exceptions[0] from None
 
 
 def _dead_letter_record(

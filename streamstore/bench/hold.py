@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -21,6 +21,7 @@ import anyio.abc
 from streamstore.bench.report import Figure
 from streamstore.bench.workload import CONTENT, HOLD_PRODUCERS, HOLD_SESSIONS, RECIPIENT, SENDER
 from streamstore.config import Settings
+from streamstore.errors import first_error
 from streamstore.store import StreamStore
 
 _HOLD_WARM_UP: Final = 0.1
@@ -146,7 +147,7 @@ async def _held_load(
             )
             published += 1
 
-    with _first_error():
+    with first_error():
         async with anyio.create_task_group() as sampling:
             sampling.start_soon(sample)
             async with anyio.create_task_group() as producers:
@@ -368,16 +369,3 @@ async def _persisted(store: StreamStore, total: int) -> float:
         f"the hold's worker persisted {stored} of {total} messages "
         f"{_DRAIN_TIMEOUT:g} s after the last publish"
     )
-
-
-@contextlib.contextmanager
-def _first_error() -> Iterator[None]:
-    """Raise the first error of failed (nested) task groups as itself, one of those the steps
-    document, not wrapped in groups."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        first: BaseException = group
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
