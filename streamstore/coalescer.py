@@ -25,11 +25,10 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import redis.exceptions
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from streamstore.connection import Client
-from streamstore.held import HeldConnection
+from streamstore.held import HeldConnection, held_connection
 
 __all__ = ["PublishBatch", "PublishCoalescer"]
 
@@ -100,8 +99,8 @@ class PublishCoalescer:
         # The direct path and the leader may each have an exchange in flight: one held
         # connection each (on a cluster, whose calls go to several nodes, the pipeline
         # does the routing).
-        self._held_direct = HeldConnection(client) if isinstance(client, Redis) else None
-        self._held_leader = HeldConnection(client) if isinstance(client, Redis) else None
+        self._held_direct = held_connection(client)
+        self._held_leader = held_connection(client)
 
     async def publish(self, batch: PublishBatch) -> list[Any]:
         """Publish ``batch``; returns the script's answer for it: stream id and 1 (new) or 0

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.typing import EncodableT
 
-__all__ = ["HeldConnection"]
+__all__ = ["HeldConnection", "held_connection"]
 
 
 class HeldConnection:
@@ -75,3 +75,9 @@ class HeldConnection:
         connection, self._connection = self._connection, None
         if connection is not None:
             await self._pool.release(connection)
+
+
+def held_connection(client: Redis | RedisCluster) -> HeldConnection | None:
+    """A held connection of a single server's client; None for a cluster's, whose commands
+    go to the nodes owning their keys (its pipelines do the routing)."""
+    return HeldConnection(client) if isinstance(client, Redis) else None

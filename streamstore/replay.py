@@ -16,7 +16,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-from redis.asyncio import Redis
 
 from streamstore.codec import F_DATA, decode_message
 from streamstore.config import Settings
@@ -27,7 +26,7 @@ from streamstore.errors import (
     ServerError,
     translate_redis_errors,
 )
-from streamstore.held import HeldConnection
+from streamstore.held import held_connection
 from streamstore.history import HistoryStore
 from streamstore.keys import Keyspace
 from streamstore.models import STREAM_START, Message, SessionState, StreamId
@@ -159,7 +158,7 @@ class SessionReader:
         block_ms = max(1, int(self._settings.block_s * 1000))
         # A follower reads again and again: on one server it keeps a connection (a blocking
         # read holds one anyway) rather than check one out of the pool for every read.
-        held = HeldConnection(self._client) if isinstance(self._client, Redis) else None
+        held = held_connection(self._client)
 
         async def read() -> list[Any]:
             # Both keys are in one slot: on a cluster too, one round trip to one node.
