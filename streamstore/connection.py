@@ -10,18 +10,20 @@ keys of one partition, which share a hash tag, so each one runs on the node owni
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio.connection
 import redis.exceptions
+from redis._parsers import BaseParser
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -40,6 +42,7 @@ from streamstore.keys import Keyspace
 
 __all__ = [
     "Client",
+    "DirectExchange",
     "ServerInfo",
     "check_server",
     "connect",
@@ -319,6 +322,74 @@ class _HiredisPacking:
         return [b"".join(self.pack_command(*command)[0] for command in commands)]
 
 
+class DirectExchange(redis.asyncio.connection.AbstractConnection):
+    """Sends commands and reads their replies straight on the connection's streams, with a
+    hiredis reader of its own: for a connection held out of the pool by one owner
+    (:mod:`streamstore.held`). redis-py's ``send_packed_command`` and ``read_response`` add
+    health checks, a timeout context per reply, maintenance-notification and push handling
+    and observability hooks: about 30 µs of CPU per exchange on top of the ~50 µs that the
+    loopback round trip itself costs the event loop here."""
+
+    _exchange_reader: hiredis.Reader | None = None
+    _exchange_stream: asyncio.StreamReader | None = None  # the link the reader was made for
+
+    async def exchange(self, packed: bytes, count: int) -> list[Any]:
+        """Write ``packed`` (``count`` commands) and return one reply per command, a refusal
+        as its :class:`~redis.exceptions.ResponseError` in its place; all replies are read
+        within ``socket_timeout``. The caller drops the connection when this raises (replies
+        may be left unread).
+
+        Raises:
+            redis.exceptions.ConnectionError: the link is closed or failed, or the server is
+                loading its data set.
+            redis.exceptions.TimeoutError: the replies did not all come within
+                ``socket_timeout``.
+        """
+        if not self.is_connected:
+            # As send_packed_command does: the handshake once (the caller's retries repeat
+            # it), not connect()'s own retry loop around it.
+            await self.connect_check_health(check_health=False)
+        stream, writer = self._reader, self._writer
+        if stream is None or writer is None:  # closed under us by another task
+            raise redis.exceptions.ConnectionError(f"{self._host_error()}: connection closed")
+        reader = self._exchange_reader
+        if reader is None or self._exchange_stream is not stream:  # a new link
+            reader = self._exchange_reader = hiredis.Reader(
+                protocolError=redis.exceptions.InvalidResponse,
+                replyError=BaseParser.parse_error,
+                notEnoughData=_NOT_ENOUGH_DATA,
+            )
+            self._exchange_stream = stream
+        replies: list[Any] = []
+        try:
+            writer.write(packed)
+            async with asyncio.timeout(self.socket_timeout):
+                while len(replies) < count:
+                    reply = reader.gets()
+                    if reply is _NOT_ENOUGH_DATA:
+                        data = await stream.read(_READ_SIZE)
+                        if not data:
+                            raise redis.exceptions.ConnectionError(
+                                f"{self._host_error()}: connection closed by the server"
+                            )
+                        reader.feed(data)
+                    elif isinstance(reply, redis.exceptions.ConnectionError):
+                        raise reply  # LOADING: retried like a lost link
+                    else:
+                        replies.append(reply)
+        except TimeoutError as exc:
+            raise redis.exceptions.TimeoutError(
+                f"Timeout reading from {self._host_error()}"
+            ) from exc
+        except OSError as exc:
+            raise redis.exceptions.ConnectionError(f"{self._host_error()}: {exc}") from exc
+        return replies
+
+
+_NOT_ENOUGH_DATA: Final = object()
+_READ_SIZE: Final = 65536
+
+
 class _ClosedUnderUs(redis.asyncio.connection.AbstractConnection):
     """Raises ConnectionError, to be retried like any lost connection, where redis-py 8.1
     raises AttributeError: on a connection another task closed while this one was using it.
@@ -340,16 +411,23 @@ class _ClosedUnderUs(redis.asyncio.connection.AbstractConnection):
             raise redis.exceptions.ConnectionError("connection closed while reading") from exc
 
 
-class _TCPConnection(_HiredisPacking, _ClosedUnderUs, redis.asyncio.connection.Connection):
+class _TCPConnection(
+    _HiredisPacking, DirectExchange, _ClosedUnderUs, redis.asyncio.connection.Connection
+):
     pass
 
 
-class _TLSConnection(_HiredisPacking, _ClosedUnderUs, redis.asyncio.connection.SSLConnection):
+class _TLSConnection(
+    _HiredisPacking, DirectExchange, _ClosedUnderUs, redis.asyncio.connection.SSLConnection
+):
     pass
 
 
 class _UnixConnection(
-    _HiredisPacking, _ClosedUnderUs, redis.asyncio.connection.UnixDomainSocketConnection
+    _HiredisPacking,
+    DirectExchange,
+    _ClosedUnderUs,
+    redis.asyncio.connection.UnixDomainSocketConnection,
 ):
     pass
 

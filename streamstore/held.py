@@ -6,7 +6,9 @@ the socket for stray data, observability hooks. That costs more than the round t
 on a quiet loopback (about 70 µs against 70 µs here, measured with ``time.process_time``).
 A path that sends one exchange at a time (the coalescer's direct publish, its leader's
 pipeline) can instead keep one connection and write to it directly: same connection class,
-same packing, parser, timeouts and health checks, without the checkout.
+same packing and timeouts, without the checkout. The connections streamstore makes
+(:func:`streamstore.connection.connect`) also skip redis-py's reply machinery: they write and
+read their streams directly (:class:`~streamstore.connection.DirectExchange`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import redis.exceptions
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.typing import EncodableT
+
+from streamstore.connection import DirectExchange
 
 __all__ = ["HeldConnection", "held_connection"]
 
@@ -53,6 +57,9 @@ class HeldConnection:
 
         async def once() -> list[Any]:
             try:
+                if isinstance(connection, DirectExchange):
+                    packed = b"".join(connection.pack_commands(commands))
+                    return await connection.exchange(packed, len(commands))
                 await connection.send_packed_command(connection.pack_commands(commands))
                 replies: list[Any] = []
                 for _ in commands:

@@ -1,4 +1,5 @@
-"""The client streamstore builds: hiredis packing gives redis-py's bytes, restarts are retried."""
+"""The client streamstore builds: hiredis packing gives redis-py's bytes, restarts are retried,
+held connections answer in place and survive a killed link."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 import anyio
 import pytest
 import redis.asyncio
+import redis.exceptions
 from redis.asyncio.connection import Connection
 
 from streamstore import Message, Settings, StreamId, StreamStore
-from streamstore.connection import _TCPConnection
+from streamstore.connection import DirectExchange, _TCPConnection
 from streamstore.embedded import EmbeddedServer
+from streamstore.held import HeldConnection
 
 
 @pytest.mark.parametrize(
@@ -79,3 +82,49 @@ async def test_held_connections_go_back_to_the_pool(settings: Settings) -> None:
         client = store.client
     assert isinstance(client, redis.asyncio.Redis)
     assert not client.connection_pool._in_use_connections
+
+
+async def test_a_held_exchange_answers_each_command_in_place(store: StreamStore) -> None:
+    """Replies come raw (bytes, nested lists, None), one per command; a refusal is its
+    ResponseError (NoScriptError for a missing script) in its place, not raised."""
+    assert isinstance(store.client, redis.asyncio.Redis)
+    held = HeldConnection(store.client)
+    key = f"{store.keys.prefix}:held"
+    try:
+        replies = await held.exchange(
+            [
+                ("HSET", key, "f", "v"),
+                ("EVALSHA", "0" * 40, 0),
+                ("HMGET", key, "f", "missing"),
+                ("XADD", key, "*", "d", "x"),  # wrong type
+                ("XRANGE", f"{key}:none", "-", "+"),
+            ]
+        )
+        connection = held._connection
+        assert isinstance(connection, DirectExchange)
+        assert replies[0] == 1
+        assert isinstance(replies[1], redis.exceptions.NoScriptError)
+        assert replies[2] == [b"v", None]
+        assert isinstance(replies[3], redis.exceptions.ResponseError)
+        assert "WRONGTYPE" in str(replies[3])
+        assert replies[4] == []
+    finally:
+        await held.release()
+        await store.client.delete(key)
+
+
+async def test_a_held_exchange_is_sent_again_on_a_new_link_after_a_kill(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    """A link killed between two exchanges (CLIENT KILL, a restart) is replaced under the
+    client's retry policy; the command is sent again, whole."""
+    assert isinstance(store.client, redis.asyncio.Redis)
+    held = HeldConnection(store.client)
+    try:
+        (first,) = await held.exchange([("CLIENT", "ID")])
+        assert await raw.client_kill_filter(_id=first) == 1
+        (second,) = await held.exchange([("CLIENT", "ID")])
+        assert isinstance(second, int)
+        assert second > first  # a new link: the server numbers its clients upwards
+    finally:
+        await held.release()
