@@ -13,7 +13,7 @@ read their streams directly (:class:`~streamstore.connection.DirectExchange`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -36,15 +36,21 @@ class HeldConnection:
         self._pool = client.connection_pool
         self._connection: AbstractConnection | None = None
 
-    async def exchange(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
+    async def exchange(
+        self,
+        commands: Sequence[Sequence[EncodableT]],
+        *,
+        resend: Callable[[], Sequence[Sequence[EncodableT]]] | None = None,
+    ) -> list[Any]:
         """Send ``commands`` in one write and read one reply each, like a pipeline without a
         transaction: a command the server refused has its
         :class:`~redis.exceptions.ResponseError` in its place in the list.
 
         A dropped link or a timeout is retried under the client's retry policy, as redis-py
         retries any command: the exchange is sent again, whole, on a new link (so the
-        commands must be safe to repeat). A failed or cancelled exchange drops the link
-        (replies may be left unread on it).
+        commands must be safe to repeat; ``resend``, when given, makes the commands sent
+        then, for commands that are safe to repeat only in another form). A failed or
+        cancelled exchange drops the link (replies may be left unread on it).
 
         Raises:
             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: the link failed
@@ -55,14 +61,19 @@ class HeldConnection:
             connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
             self._connection = connection
 
+        sends = 0
+
         async def once() -> list[Any]:
+            nonlocal sends
+            batch = commands if sends == 0 or resend is None else resend()
+            sends += 1
             try:
                 if isinstance(connection, DirectExchange):
-                    packed = b"".join(connection.pack_commands(commands))
-                    return await connection.exchange(packed, len(commands))
-                await connection.send_packed_command(connection.pack_commands(commands))
+                    packed = b"".join(connection.pack_commands(batch))
+                    return await connection.exchange(packed, len(batch))
+                await connection.send_packed_command(connection.pack_commands(batch))
                 replies: list[Any] = []
-                for _ in commands:
+                for _ in batch:
                     try:
                         replies.append(await connection.read_response())
                     except redis.exceptions.ResponseError as refused:

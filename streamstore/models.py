@@ -181,6 +181,10 @@ class _IdClock:
     """Millisecond time plus a counter: strictly increasing within this process."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start again under a new random node id."""
         self._lock = threading.Lock()
         self._ms = 0
         self._counter = 0
@@ -199,6 +203,9 @@ class _IdClock:
 
 
 _clock = _IdClock()
+# A forked child would otherwise continue its parent's clock under the same node id and
+# generate the ids the parent generates in the same milliseconds.
+os.register_at_fork(after_in_child=_clock.reset)
 
 
 def new_message_id() -> str:

@@ -339,7 +339,7 @@ class StreamStore:
             id=id,
             timestamp=timestamp,
         )
-        (message,) = await self._publish_drafts(session_id, [draft])
+        (message,) = await self._publish_drafts(session_id, [draft], fresh=id is None)
         return message
 
     async def publish_many(
@@ -360,27 +360,31 @@ class StreamStore:
         """
         validate_session_id(session_id)
         drafts = []
+        fresh = True  # every id generated here
         for spec in messages:
             unknown = spec.keys() - _MESSAGE_FIELDS
             if unknown:
                 raise ValidationError(f"unknown message fields: {sorted(unknown)}")
             drafts.append(self._draft(session_id, **spec))
+            fresh = fresh and spec.get("id") is None
             if len(drafts) > MAX_BATCH:
                 raise ValidationError(f"publish_many takes at most {MAX_BATCH} messages a call")
         if not drafts:
             return []
-        return await self._publish_drafts(session_id, drafts)
+        return await self._publish_drafts(session_id, drafts, fresh=fresh)
 
     async def _publish_drafts(
-        self, session_id: str, drafts: list[tuple[Message, bytes]]
+        self, session_id: str, drafts: list[tuple[Message, bytes]], *, fresh: bool
     ) -> list[Message]:
         """Publish validated drafts, retrying while the partition lags or the cluster moves,
-        up to ``max_block``; returns the messages with their stream ids."""
+        up to ``max_block``; returns the messages with their stream ids. ``fresh``: their ids
+        were all generated here (see :class:`~streamstore.coalescer.PublishBatch`); only the
+        first try may count on it."""
         deadline = time.monotonic() + self.settings.max_block_s
         delay = 0.005
         while True:
             try:
-                reply = await self._publish_once(session_id, drafts)
+                reply = await self._publish_once(session_id, drafts, fresh=fresh)
                 break
             except (BackpressureError, ServerError) as exc:
                 # a full or lagging partition, or a cluster that is down or moving a slot
@@ -389,6 +393,7 @@ class StreamStore:
                     raise
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
+                fresh = False
         for (message, _), stream_id in zip(drafts, reply[::2], strict=True):
             # The drafts have not left this store: give each its stream id in place rather
             # than copying its eight fields into a new frozen Message.
@@ -396,7 +401,7 @@ class StreamStore:
         return [message for message, _ in drafts]
 
     async def _publish_once(
-        self, session_id: str, drafts: list[tuple[Message, bytes]]
+        self, session_id: str, drafts: list[tuple[Message, bytes]], *, fresh: bool
     ) -> list[bytes]:
         keys = self.keys.session(session_id)
         bucket = int(time.time() * 1000) // self._window_ms
@@ -416,6 +421,7 @@ class StreamStore:
             session_id=session_id,
             pairs=pairs,
             partition=keys.partition,
+            fresh=fresh,
         )
         try:
             with translate_redis_errors():

@@ -136,9 +136,9 @@ async def test_concurrent_publishes_are_merged_and_answered_each_on_its_own(
     batches_per_call: list[int] = []
     exchange = PublishCoalescer._exchange
 
-    async def counting(self: PublishCoalescer, commands: Any, held: Any) -> Any:
+    async def counting(self: PublishCoalescer, commands: Any, held: Any, **options: Any) -> Any:
         batches_per_call.extend(int(command[2]) // 6 for command in commands)
-        return await exchange(self, commands, held)
+        return await exchange(self, commands, held, **options)
 
     monkeypatch.setattr(PublishCoalescer, "_exchange", counting)
     live = [await store.create_session(["a"]) for _ in range(6)]

@@ -6,7 +6,9 @@
 --       dedup hash (current bucket), dedup hash (previous bucket)
 -- ARGV: 1 now (seconds), 2 dedup bucket lifetime (ms), 3 high-water mark of a partition feed
 --       (entries not yet persisted), then per batch: session id, message count (at most
---       1,000), and one (message id, payload) pair per message
+--       1,000), check ('1': look the ids up in the dedup hashes; '0': ids the caller has just
+--       generated, which no earlier call can have stored, so only their marks are written),
+--       and one (message id, payload) pair per message
 -- Returns one flat array: per batch, 'ok' then stream id and 1 (new) or 0 (duplicate: the
 -- first stream id) per message; or, for a refused batch, only the refusal: SSNOSESSION (no
 -- such live session), SSCLOSED <state>, SSBACKPRESSURE (the feed is at its high-water mark:
@@ -16,10 +18,10 @@
 -- reply is one table, and each dedup hash is written once per call however many batches use
 -- it.
 local now, lifetime, high_water = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local out, lengths, marks, seen = {}, {}, {}, {}
+local out, lengths, marks, seen, none = {}, {}, {}, {}, {}
 local a, k = 4, 0
 while a <= #ARGV do
-  local session, count = ARGV[a], tonumber(ARGV[a + 1])
+  local session, count, check = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2] == '1'
   local meta = redis.call('HMGET', KEYS[k + 1], 'state', 'ttl', 'count', 'deadline')
   local state, feed = meta[1], KEYS[k + 3]
   local length = state == 'active' and (lengths[feed] or redis.call('XLEN', feed))
@@ -32,10 +34,13 @@ while a <= #ARGV do
   else
     local fields = {}
     for i = 1, count do
-      fields[i] = session .. ':' .. ARGV[a + 2 * i]
+      fields[i] = session .. ':' .. ARGV[a + 1 + 2 * i]
     end
-    local current = redis.call('HMGET', KEYS[k + 5], unpack(fields))
-    local previous = redis.call('HMGET', KEYS[k + 6], unpack(fields))
+    local current, previous = none, none
+    if check then
+      current = redis.call('HMGET', KEYS[k + 5], unpack(fields))
+      previous = redis.call('HMGET', KEYS[k + 6], unpack(fields))
+    end
     local list = marks[KEYS[k + 5]] or {}
     marks[KEYS[k + 5]] = list
     local start, added, last = #out, 0, nil
@@ -47,7 +52,7 @@ while a <= #ARGV do
         out[start + 2 * i] = first
         out[start + 2 * i + 1] = 0
       else
-        local payload = ARGV[a + 2 * i + 1]
+        local payload = ARGV[a + 2 + 2 * i]
         local id = redis.call('XADD', KEYS[k + 2], '*', 'd', payload)
         -- Redis does not roll back a script that fails half-way: if the feed cannot take
         -- the entry (a foreign key of another type, found at the first one), take the
@@ -88,7 +93,7 @@ while a <= #ARGV do
       end
     end
   end
-  a = a + 2 + 2 * count
+  a = a + 3 + 2 * count
   k = k + 6
 end
 for key, list in pairs(marks) do

@@ -81,6 +81,39 @@ async def test_lost_publish_replies_are_retried_with_the_same_id_and_stored_once
     assert len({m.stream_id for m in acknowledged}) == 100
 
 
+async def test_lost_replies_to_publishes_of_generated_ids_are_stored_once(
+    settings: Settings, proxy: Proxy, raw: redis.asyncio.Redis, tally: TallyFactory
+) -> None:
+    """A publish without an id is first sent without a dedup lookup (its generated ids are
+    new); when its reply is lost, the client sends it again, and that send must look the ids
+    up: the first one was stored."""
+    counts = tally(
+        "publish reply lost, ids generated", "reply dropped, connection cut", "TCP proxy"
+    )
+    acknowledged: list[Message] = []
+    raised: list[str] = []
+    async with StreamStore.open(settings=proxied(settings, proxy)) as store:
+        session = await store.create_session(["a"])
+        for i in range(100):
+            if i % 5 == 0:
+                proxy.faults.drop_next_reply = 1
+            try:
+                acknowledged.append(await store.publish(session.id, sender="a", content=str(i)))
+            except ConnectionLostError:
+                raised.append(str(i))
+        live = [m async for m in store.replay(session.id)]  # from the Redis stream
+        await Persister(store, PersisterSettings(consumer="c1")).drain()
+        stored = await stored_messages(store, {session.id})
+    assert len(proxy.faults.dropped) == 20, "the fault was not injected every time"
+    contents = [m.content for m in live]
+    assert len(contents) == len(set(contents)), "a resent publish entered the stream twice"
+    assert set(contents) - set(raised) == {m.content for m in acknowledged}
+    raised_ids = [m.id for m in live if m.content in raised]
+    counts.notes["replies dropped"] = len(proxy.faults.dropped)
+    counts.notes["publishes raised"] = len(raised)
+    counts.count(acknowledged, stored, attempted_ids=raised_ids).assert_exactly_once()
+
+
 async def test_client_pause_gives_a_typed_error_or_success_within_the_deadline(
     settings: Settings, raw: redis.asyncio.Redis, tally: TallyFactory
 ) -> None:
