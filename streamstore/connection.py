@@ -612,7 +612,8 @@ def _hint(client: Client, cause: BaseException | None) -> str:
         return " (TLS handshake failed: is this a TLS port of the server?)"
     if tls and "timeout" in text.lower():
         return " (no TLS handshake answer in time: is this a TLS port of the server?)"
-    if not tls and any(word in text.lower() for word in ("closed by server", "reset by peer")):
+    closed = ("closed by server", "closed by the server", "reset by peer")  # redis-py 8.1, 8.2
+    if not tls and any(word in text.lower() for word in closed):
         return " (if the server accepts only TLS, use a rediss:// URL)"
     return ""
 
