@@ -46,9 +46,15 @@ POSTGRES_FIGURES = (
 HOLD_COMPARED = {
     "hold: worker RSS peak / after warm-up",
     "hold: worker RSS at end / after warm-up",
+    "hold: worker RssAnon at end / after warm-up",
     "hold: publish rate / --hold-rate",
 }
-HOLD_ALONE = {"hold: worker RSS growth, 2nd half", "hold: max backlog", "hold: worker CPU"}
+HOLD_ALONE = {
+    "hold: worker RSS growth, 2nd half",
+    "hold: worker RssAnon growth, 2nd half",
+    "hold: max backlog",
+    "hold: worker CPU",
+}
 """The hold's figures that have no baseline."""
 
 
@@ -131,6 +137,8 @@ async def test_hold_runs_a_worker_reports_its_memory_and_stops_it(
     assert peak.ratio is not None
     assert peak.ratio >= 1  # the peak is over every sample, the one after warm-up too
     assert peak.value >= figures["hold: worker RSS at end / after warm-up"].value
+    anon = figures["hold: worker RssAnon at end / after warm-up"]
+    assert 0 < anon.value < figures["hold: worker RSS at end / after warm-up"].value
     assert figures["hold: max backlog"].value >= 0
     assert figures["hold: worker CPU"].value > 0
     assert (report.hold, report.hold_rate) == (3, 300)

@@ -128,7 +128,8 @@ async def _held_load(
                 cpu = (last.cpu - samples[0].cpu) / max(last.t - samples[0].t, 1e-9)
                 say(
                     f"hold: {last.t:.0f} of {seconds:g} s, {published:,} published; worker RSS "
-                    f"{last.rss:,.1f} MiB, CPU {cpu:.0%} of a core; backlog {last.backlog:,}"
+                    f"{last.rss:,.1f} MiB ({last.anon:,.1f} private), CPU {cpu:.0%} of a core; "
+                    f"backlog {last.backlog:,}"
                 )
             ticks += 1
             await anyio.sleep(max(0.0, started + ticks * every - time.perf_counter()))
@@ -178,7 +179,9 @@ def _hold_figures(
         raise RuntimeError(
             f"only {len(half)} sample(s) of the worker in the second half of the hold"
         )
-    slope = statistics.linear_regression([s.t for s in half], [s.rss for s in half]).slope
+    times = [s.t for s in half]
+    slope = statistics.linear_regression(times, [s.rss for s in half]).slope
+    anon_slope = statistics.linear_regression(times, [s.anon for s in half]).slope
     peak = max(s.rss for s in samples)
     backlog = max(s.backlog for s in samples)
     achieved = held.total / held.publish_s
@@ -187,6 +190,8 @@ def _hold_figures(
         Figure("hold: worker RSS peak / after warm-up", "MiB", peak, warm.rss, False),
         Figure("hold: worker RSS at end / after warm-up", "MiB", end.rss, warm.rss, False),
         Figure("hold: worker RSS growth, 2nd half", "MiB/min", slope * 60, None, False),
+        Figure("hold: worker RssAnon at end / after warm-up", "MiB", end.anon, warm.anon, False),
+        Figure("hold: worker RssAnon growth, 2nd half", "MiB/min", anon_slope * 60, None, False),
         Figure("hold: publish rate / --hold-rate", "msg/s", achieved, rate),
         Figure("hold: max backlog", "entries", float(backlog), None, False),
         Figure("hold: worker CPU", "%", cpu * 100, None, False),
@@ -194,9 +199,10 @@ def _hold_figures(
     say(
         f"hold, {held.total:,} messages at {achieved:,.0f} msg/s: worker RSS {warm.rss:,.1f} MiB "
         f"after warm-up, peak {peak:,.1f}, {end.rss:,.1f} at the end, {slope * 60:+.2f} MiB/min "
-        f"over the second half ({len(half)} samples); max backlog {backlog:,}; worker CPU "
-        f"{cpu:.0%} of a core; all persisted {held.drain_s:.1f} s after the last publish; "
-        "worker stopped, exit code 0"
+        f"over the second half ({len(half)} samples), of which private memory (RssAnon) "
+        f"{anon_slope * 60:+.2f} MiB/min ({warm.anon:,.1f} -> {end.anon:,.1f}); max backlog "
+        f"{backlog:,}; worker CPU {cpu:.0%} of a core; all persisted {held.drain_s:.1f} s "
+        "after the last publish; worker stopped, exit code 0"
     )
     return figures
 
@@ -209,6 +215,9 @@ class _Sample:
     """Seconds since publishing started."""
     rss: float
     """Resident memory (VmRSS), MiB."""
+    anon: float
+    """Its private part (RssAnon), MiB: the heaps, where a leak would show. The rest is
+    mapped files and shared memory, such as SQLite's WAL index, which grows with the WAL."""
     cpu: float
     """CPU time so far, user + system, seconds."""
     backlog: int
@@ -294,8 +303,9 @@ class _HoldWorker:
             f"the hold's worker was not ready within {_WORKER_READY_TIMEOUT:g} s; {self.log_tail()}"
         )
 
-    def usage(self) -> tuple[float, float]:
-        """The worker's resident memory (VmRSS, MiB) and CPU time (user + system, seconds).
+    def usage(self) -> tuple[float, float, float]:
+        """The worker's resident memory (VmRSS, MiB), its private part (RssAnon, MiB) and CPU
+        time (user + system, seconds).
 
         Raises:
             RuntimeError: the worker has exited.
@@ -306,12 +316,17 @@ class _HoldWorker:
             stat = (proc / "stat").read_text()
         except OSError as exc:  # exited and reaped
             raise self._died() from exc
-        rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
-        if not rss:  # a zombie: exited, not yet reaped
+        kib = {
+            name: int(value.split()[0])
+            for name, _, value in (line.partition(":") for line in status.splitlines())
+            if name in {"VmRSS", "RssAnon"}
+        }
+        if len(kib) < 2:  # a zombie: exited, not yet reaped
             raise self._died()
         # proc(5): utime and stime are fields 14 and 15; the name (2) may hold spaces.
         utime, stime = stat.rpartition(")")[2].split()[11:13]
-        return int(rss[0]) / 1024, (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+        cpu = (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+        return kib["VmRSS"] / 1024, kib["RssAnon"] / 1024, cpu
 
     async def stop(self) -> int:
         """SIGTERM, then SIGKILL if it still runs ``_WORKER_STOP_TIMEOUT`` seconds later (done
@@ -344,9 +359,9 @@ async def _sample(store: StreamStore, worker: _HoldWorker, started: float) -> _S
         ConnectionLostError: the server cannot be reached.
     """
     t = time.perf_counter() - started
-    rss, cpu = worker.usage()
+    rss, anon, cpu = worker.usage()
     stats = await store.stats()
-    return _Sample(t, rss, cpu, stats.backlog)
+    return _Sample(t, rss, anon, cpu, stats.backlog)
 
 
 async def _persisted(store: StreamStore, total: int) -> float:
