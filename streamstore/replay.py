@@ -65,10 +65,12 @@ class SessionReader:
 
     async def follow(
         self, session_id: str, *, after: StreamId, follow: bool, history_page: int | None = None
-    ) -> AsyncGenerator[Message, None]:
+    ) -> AsyncGenerator[list[Message], None]:
         """Every message with stream id > ``after``, in order, each once; with ``follow``, then
-        the live ones until the session is closed. ``history_page`` caps the messages read
-        from history per call (default :data:`HISTORY_PAGE`), for a caller that wants few.
+        the live ones until the session is closed. They come in pages (non-empty lists) as
+        read, so a caller's own generator is the only one that a message passes through.
+        ``history_page`` caps the messages read from history per call (default
+        :data:`HISTORY_PAGE`), for a caller that wants few.
 
         Raises:
             ConnectionLostError: the server stayed unreachable for ``reconnect_timeout``.
@@ -81,15 +83,13 @@ class SessionReader:
                 older = await self._history.read(
                     session_id, after=cursor, before=floor, limit=page_size
                 )
-                for message in older:
-                    yield message
                 if older:
+                    yield older
                     cursor = older[-1].stream_id or cursor
                 if len(older) < page_size:
                     break
-            for message in entries:
-                yield message
             if entries:
+                yield entries
                 cursor = entries[-1].stream_id or cursor
             if len(entries) == PAGE:
                 continue
@@ -97,9 +97,9 @@ class SessionReader:
                 return
             live = self._live(session_id, cursor)
             async with contextlib.aclosing(live):
-                async for message in live:
-                    cursor = message.stream_id or cursor
-                    yield message
+                async for page in live:
+                    cursor = page[-1].stream_id or cursor
+                    yield page
 
     async def page(
         self,
@@ -113,15 +113,15 @@ class SessionReader:
         ``after`` if it is given, else the last ones before ``before`` (or the newest)."""
         if after is not None:
             out: list[Message] = []
-            messages = self.follow(
+            pages = self.follow(
                 session_id, after=after, follow=False, history_page=min(limit, HISTORY_PAGE)
             )
-            async with contextlib.aclosing(messages):
-                async for message in messages:
-                    out.append(message)
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    out.extend(page)
                     if len(out) >= limit:
                         break
-            return out
+            return out[:limit]
         top = "+" if before is None else str(before)
         _, floor, entries = await self._snapshot(session_id, "rev", top, limit)
         newest = list(reversed(entries))
@@ -151,9 +151,10 @@ class SessionReader:
         floor = StreamId.parse(floor_raw) if floor_raw else STREAM_START
         return SessionState(state_raw.decode()), floor, self._decode(session_id, entries)
 
-    async def _live(self, session_id: str, cursor: StreamId) -> AsyncGenerator[Message, None]:
-        """Blocking reads after ``cursor``; returns when the floor passes the cursor (the caller
-        then catches up from history) or the session stops being active."""
+    async def _live(self, session_id: str, cursor: StreamId) -> AsyncGenerator[list[Message], None]:
+        """Blocking reads after ``cursor``, a page (non-empty) per read that found messages;
+        returns when the floor passes the cursor (the caller then catches up from history) or
+        the session stops being active."""
         keys = self._keys.session(session_id)
         block_ms = max(1, int(self._settings.block_s * 1000))
         # A follower reads again and again: on one server it keeps a connection (a blocking
@@ -183,9 +184,12 @@ class SessionReader:
                 if not state_raw or floor > cursor:
                     return
                 entries = streams[0][1] if streams else []
-                for message in self._decode(session_id, entries):
-                    cursor = message.stream_id or cursor
-                    yield message
+                if entries:
+                    # Past every entry read, the undecodable ones too (skipped, not re-read).
+                    cursor = StreamId.parse(entries[-1][0])
+                    page = self._decode(session_id, entries)
+                    if page:
+                        yield page
                 if not entries and state_raw != b"active":
                     return
         finally:

@@ -597,11 +597,12 @@ class StreamStore:
         self, session_id: str, after: Cursor, *, follow: bool, recipient: str | None
     ) -> AsyncGenerator[Message, None]:
         start = await self._resolve(session_id, after)
-        messages = self._reader.follow(session_id, after=start, follow=follow)
-        async with contextlib.aclosing(messages):
-            async for message in messages:
-                if recipient is None or message.is_for(recipient):
-                    yield message
+        pages = self._reader.follow(session_id, after=start, follow=follow)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for message in page:
+                    if recipient is None or message.is_for(recipient):
+                        yield message
 
     async def history(
         self,

@@ -102,6 +102,37 @@ async def test_wait_for_sees_a_reply_sent_before_it_started(store: StreamStore) 
         await store.wait_for(session.id, recipient="a", timeout=0.3)
 
 
+async def test_a_follower_reads_past_an_undecodable_last_entry(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    """A foreign entry at the end of a session stream is skipped once: the follower's cursor
+    moves past it, rather than reading it again and again until a real message comes."""
+    session = await store.create_session(["a"])
+    first = await store.publish(session.id, sender="a", content="first")
+    assert first.stream_id is not None
+    seen: list[Message] = []
+
+    async def follower() -> None:
+        async for message in store.subscribe(session.id, after=first.stream_id):
+            seen.append(message)
+            return
+
+    stream = store.keys.session(session.id).stream
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follower)
+            await anyio.sleep(0.1)  # the follower blocks on its first read
+            await raw.xadd(stream, {"d": b"not json"})
+            await anyio.sleep(0.1)
+            reads = await raw.info("commandstats")
+            await anyio.sleep(1.0)  # the follower waits: its blocking reads last block_s each
+            after = await raw.info("commandstats")
+            last = await store.publish(session.id, sender="a", content="last")
+    assert [m.id for m in seen] == [last.id]
+    xreads = after["cmdstat_xread"]["calls"] - reads["cmdstat_xread"]["calls"]
+    assert xreads <= 1 / store.settings.block_s + 2
+
+
 async def test_subscriber_survives_client_kill_without_gap_or_duplicate(
     store: StreamStore, raw: redis.asyncio.Redis
 ) -> None:
