@@ -864,6 +864,35 @@ def test_retention_queries_use_indexes(tmp_path: Path) -> None:
             assert "SCAN messages" not in details
 
 
+def test_message_inserts_use_a_few_statement_shapes(tmp_path: Path) -> None:
+    """Batches of any size go in through a handful of INSERT shapes, each row once and in
+    order: sqlite3 caches a prepared statement per shape (tens of KiB each for this one), so
+    a shape per batch size would grow a worker's memory as new sizes come."""
+    rows_per_insert: set[int] = set()
+    with contextlib.closing(sqlite3.connect(tmp_path / "h.db", isolation_level=None)) as connection:
+        for statement in sqlite_module._SCHEMA:
+            connection.execute(statement)
+
+        def traced(sql: str) -> None:
+            if sql.lstrip().startswith("INSERT OR IGNORE INTO messages"):
+                rows_per_insert.add(sql.count("), (") + 1)
+
+        connection.set_trace_callback(traced)
+        seq = 0
+        for size in range(1, 260):
+            rows = []
+            for _ in range(size):
+                seq += 1
+                rows.append(("s", 1, seq, f"m{seq}", "a", None, "hi", None, 1.0))
+            assert sqlite_module._insert_rows(connection, rows) == size
+        connection.set_trace_callback(None)
+        stored = [
+            seq for (seq,) in connection.execute("SELECT stream_seq FROM messages ORDER BY pk")
+        ]
+    assert stored == list(range(1, seq + 1))
+    assert len(rows_per_insert) <= 8, sorted(rows_per_insert)
+
+
 def uncovered_messages(db: Path) -> int:
     """Messages outside every message_ages range whose oldest is at most their timestamp."""
     with contextlib.closing(sqlite3.connect(db)) as connection:

@@ -150,7 +150,12 @@ _UPSERT_SESSION: Final = """
 # Many rows per INSERT: one statement step (and one release of the GIL, which the persister's
 # next read needs meanwhile) per 100 rows rather than per row; 900 bound parameters, under the
 # 999 that older SQLite builds allow. ~1.3x faster than executemany in tests/history_bench.py.
+# The rest of a batch goes in chunks of 64, 32, ... 1 rows: eight statement shapes in all. One
+# shape per remainder size filled sqlite3's statement cache with up to 99 prepared statements
+# of tens of KiB each, a few MiB that a worker took on slowly as new batch sizes came (the
+# private-memory creep of `streamstore bench --hold`).
 _ROWS_PER_INSERT: Final = 100
+_REST_CHUNKS: Final = (64, 32, 16, 8, 4, 2, 1)
 _INSERT_MESSAGES: Final = """
     INSERT OR IGNORE INTO messages (
         session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata,
@@ -159,9 +164,9 @@ _INSERT_MESSAGES: Final = """
 """
 _INSERT_ROWS: Final = {
     count: _INSERT_MESSAGES + ", ".join(("(?, ?, ?, ?, ?, ?, ?, ?, ?)",) * count)
-    for count in range(1, _ROWS_PER_INSERT + 1)
+    for count in (_ROWS_PER_INSERT, *_REST_CHUNKS)
 }
-"""``_INSERT_ROWS[n]`` inserts n message rows."""
+"""``_INSERT_ROWS[n]`` inserts n message rows (n: 100, 64, 32, ... 1)."""
 _STORED_ID_AT: Final = """
     SELECT message_id FROM messages WHERE session_id = ? AND stream_ms = ? AND stream_seq = ?
 """
@@ -911,9 +916,12 @@ def _insert_rows(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) ->
                 for start in range(0, whole, _ROWS_PER_INSERT)
             ),
         )
-    if whole < len(rows):
-        rest = rows[whole:]
-        connection.execute(_INSERT_ROWS[len(rest)], list(itertools.chain.from_iterable(rest)))
+    start = whole
+    for size in _REST_CHUNKS:
+        if len(rows) - start >= size:
+            chunk = rows[start : start + size]
+            connection.execute(_INSERT_ROWS[size], list(itertools.chain.from_iterable(chunk)))
+            start += size
     return connection.total_changes - changes_before
 
 
