@@ -11,11 +11,9 @@ keys of one partition, which share a hash tag, so each one runs on the node owni
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
@@ -34,22 +32,19 @@ from streamstore.config import Settings
 from streamstore.errors import (
     ConfigurationError,
     ConnectionLostError,
-    EvictionPolicyError,
     ServerError,
-    translate_redis_errors,
 )
-from streamstore.keys import Keyspace
 
 __all__ = [
+    "DEFAULT_PORT",
     "Client",
     "DirectExchange",
-    "ServerInfo",
-    "check_server",
     "connect",
+    "connect_timeout",
     "is_transient",
     "redact_url",
     "routed",
-    "used_memory",
+    "url_user",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,28 +52,14 @@ log = logging.getLogger(__name__)
 Client: TypeAlias = Redis | RedisCluster
 """What :func:`connect` returns: a client of one server, or of a Redis Cluster."""
 
-MIN_VERSION = (6, 2)
-"""XAUTOCLAIM and exclusive XRANGE bounds arrived in Redis 6.2."""
-
 _SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-_DEFAULT_PORT = 6379
+DEFAULT_PORT = 6379
 
 
-@dataclass(frozen=True, slots=True)
-class ServerInfo:
-    """What streamstore learned about the server when it connected.
-
-    ``maxmemory_policy`` and ``appendonly`` are None when this connection's user may not run
-    INFO (a producer or subscriber under ``deploy/users.acl``): they were not verified. On a
-    cluster they describe the primaries together: the first policy other than ``noeviction``
-    any of them has, and whether all of them log appends.
-    """
-
-    name: str
-    version: tuple[int, ...]
-    maxmemory_policy: str | None
-    appendonly: bool | None
+def url_user(url: str) -> str | None:
+    """The Redis user a URL logs in as (None: the ``default`` user)."""
+    return urlsplit(url).username or None
 
 
 def redact_url(url: str) -> str:
@@ -140,7 +121,7 @@ def connect(url: str, settings: Settings) -> Client:
         "decode_responses": False,
         "protocol": 2,
         "socket_timeout": settings.socket_timeout_s,
-        "socket_connect_timeout": min(settings.socket_timeout_s, 5.0),
+        "socket_connect_timeout": connect_timeout(settings),
         "health_check_interval": 30,
         # A command that met a dropped connection (a server restart, CLIENT KILL) is sent
         # again on a new one. Everything streamstore sends may be repeated: publishes are
@@ -166,9 +147,27 @@ def connect(url: str, settings: Settings) -> Client:
         return _connect_cluster(parts, scheme, options)
     # The URL's own options (query, credentials, database) win, as in ConnectionPool.from_url;
     # the connection class is ours whatever the URL says, so that hiredis packs commands.
-    url_options: dict[str, Any] = dict(redis.asyncio.connection.parse_url(url))
+    url_options = _url_options(url)
     pool = ConnectionPool(**(options | url_options | {"connection_class": _PACKING[scheme]}))
     return Redis.from_pool(pool)  # closing the client closes the pool's connections
+
+
+def connect_timeout(settings: Settings) -> float:
+    """Seconds to open a connection (TCP and TLS handshakes): at most 5."""
+    return min(settings.socket_timeout_s, 5.0)
+
+
+def _url_options(url: str) -> dict[str, Any]:
+    """redis-py's reading of a URL (host, port, credentials, database, query options).
+
+    Raises:
+        ConfigurationError: the URL does not parse (a port or database that is not a number,
+            an unknown query option).
+    """
+    try:
+        return dict(redis.asyncio.connection.parse_url(url))
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
 
 
 def _connect_cluster(parts: SplitResult, scheme: str, options: dict[str, Any]) -> RedisCluster:
@@ -183,7 +182,7 @@ def _connect_cluster(parts: SplitResult, scheme: str, options: dict[str, Any]) -
     host, port = nodes[0]
     first = f"{userinfo}{at}[{host}]:{port}" if ":" in host else f"{userinfo}{at}{host}:{port}"
     plain = urlunsplit(parts._replace(scheme=scheme, netloc=first))
-    url_options: dict[str, Any] = dict(redis.asyncio.connection.parse_url(plain))
+    url_options = _url_options(plain)
     for name in ("host", "port", "connection_class"):
         url_options.pop(name, None)
     if url_options.pop("db", 0) != 0:
@@ -210,7 +209,7 @@ def _node_address(text: str) -> tuple[str, int]:
         host, _, port = text.rpartition(":")
     if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
         raise ConfigurationError(f"cluster node address {text!r} is not host:port")
-    return host, int(port) if port else _DEFAULT_PORT
+    return host, int(port) if port else DEFAULT_PORT
 
 
 class _Cluster(RedisCluster):
@@ -283,28 +282,6 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, ServerError) and isinstance(
         error.__cause__, redis.exceptions.ClusterDownError | redis.exceptions.TryAgainError
     )
-
-
-async def used_memory(client: Client) -> int:
-    """Bytes of memory the server uses (summed over a cluster's primaries); 0 when this
-    user may not run INFO.
-
-    Raises:
-        redis.exceptions.RedisError: as the server or the connection raised it.
-    """
-    try:
-        infos = await _infos(client, "memory")
-    except redis.exceptions.NoPermissionError:
-        return 0
-    return sum(int(info.get("used_memory", 0)) for info in infos)
-
-
-async def _infos(client: Client, *section: str) -> list[dict[str, Any]]:
-    """INFO from the server, or from every primary of a cluster."""
-    if isinstance(client, RedisCluster):
-        await client.initialize()
-        return [await client.info(*section, target_nodes=node) for node in client.get_primaries()]
-    return [await client.info(*section)]
 
 
 class _HiredisPacking:
@@ -438,225 +415,3 @@ _PACKING: dict[str, type[redis.asyncio.connection.AbstractConnection]] = {
     "unix": _UnixConnection,
 }
 """The connection class of each plain scheme."""
-
-
-async def check_server(client: Client, settings: Settings, keys: Keyspace) -> ServerInfo:
-    """Verify version, eviction policy and partition count before anything is written.
-
-    Works with each role of ``deploy/users.acl``: a user that may not run INFO is checked by
-    HELLO for the version, with a warning that the eviction policy was not verified; a user
-    that may not write the deployment hash only reads the partition count (and warns when no
-    worker has recorded it yet). CONFIG is never used. On a cluster, every primary's INFO is
-    read: the oldest version counts, any node that may evict fails the check, and nodes that
-    disagree on the policy are reported.
-
-    Raises:
-        ConnectionLostError: the server cannot be reached, or the TLS handshake failed (the
-            message says why: untrusted certificate, host name mismatch, not a TLS port, a
-            cluster URL for a server that is not in cluster mode).
-        ServerError: the server refused the credentials, may not be asked its version, or is
-            older than Redis 6.2; or this user may not read the deployment hash.
-        EvictionPolicyError: ``maxmemory-policy`` is not ``noeviction`` and
-            ``settings.eviction_check == "refuse"``.
-        ConfigurationError: the deployment was set up with another partition count.
-    """
-    with _first_contact(client):
-        name, version, policy, appendonly = await _describe(client)
-    if version[:2] < MIN_VERSION:
-        shown = ".".join(map(str, version))
-        raise ServerError(f"{name} {shown} is too old: streamstore needs Redis >= 6.2")
-    with translate_redis_errors():
-        await _check_partitions(client, settings, keys)
-    if policy is not None and policy != "noeviction":
-        message = (
-            f"the server's maxmemory-policy is {policy!r}: it may evict streams holding "
-            "acknowledged messages; set it to noeviction"
-        )
-        if settings.eviction_check == "refuse":
-            raise EvictionPolicyError(message)
-        log.warning(message)
-    if appendonly is False:
-        log.warning(
-            "the server runs without append-only persistence: a restart loses "
-            "messages not yet persisted to history"
-        )
-    return ServerInfo(name, version, policy, appendonly)
-
-
-async def _describe(client: Client) -> tuple[str, tuple[int, ...], str | None, bool | None]:
-    """Name, version, eviction policy and AOF state from INFO; from HELLO (version only) when
-    this user may not run INFO."""
-    try:
-        infos = await _infos(client)  # the default sections: server, memory, cluster, ...
-    except redis.exceptions.ResponseError as exc:  # NOPERM under a least-privilege ACL
-        log.warning(
-            "this Redis user may not run INFO (%s): the eviction policy and persistence are "
-            "not verified by this connection (a worker's user verifies them at its start)",
-            _first_line(exc),
-        )
-        try:
-            execute: Callable[..., Awaitable[object]] = client.execute_command
-            hello = await execute("HELLO", "2", **_any_node(client))
-        except redis.exceptions.ResponseError as hello_exc:
-            raise ServerError(
-                "cannot tell the server's version: this Redis user was refused "
-                f"({_first_line(exc)}; then {_first_line(hello_exc)}); it needs +info or "
-                "+hello, and on a cluster +cluster|slots +command (see deploy/users.acl)"
-            ) from hello_exc
-        fields = _pairs(hello)
-        name = _text(fields.get("server")) or "redis"
-        return name, _version(_text(fields.get("version"))), None, None
-    if not isinstance(client, RedisCluster) and any(i.get("cluster_enabled") for i in infos):
-        log.warning(
-            "%s is a node of a Redis Cluster: unless it serves every slot, name the cluster "
-            "with a redis+cluster://host:port[,host:port...] URL",
-            _address(client),
-        )
-    name = "valkey" if any("valkey_version" in info for info in infos) else "redis"
-    version = min(
-        _version(str(info.get("valkey_version") or info.get("redis_version", "0")))
-        for info in infos
-    )
-    policies = {str(info.get("maxmemory_policy")) for info in infos}
-    if len(policies) > 1:
-        log.warning("the cluster's primaries disagree on maxmemory-policy: %s", sorted(policies))
-    risky = sorted(policies - {"noeviction", "None"})
-    policy = risky[0] if risky else policies.pop()
-    aof = {str(info.get("aof_enabled")) for info in infos}
-    return (
-        name,
-        version,
-        None if policy == "None" else policy,
-        None if aof == {"None"} else aof == {"1"},
-    )
-
-
-def _any_node(client: Client) -> dict[str, Any]:
-    """Keyword arguments sending a keyless command to one node (a cluster client refuses to
-    guess where HELLO goes)."""
-    if isinstance(client, RedisCluster):
-        return {"target_nodes": client.get_default_node()}
-    return {}
-
-
-async def _check_partitions(client: Client, settings: Settings, keys: Keyspace) -> None:
-    """Compare the recorded partition count with ours; record it when it is absent (and this
-    user may write it)."""
-    recorded = await client.hget(keys.deployment, "partitions")
-    if recorded is None:
-        try:
-            if await client.hsetnx(keys.deployment, "partitions", settings.partitions):
-                return
-        except redis.exceptions.NoPermissionError:
-            log.warning(
-                "deployment %r has no recorded partition count yet and this Redis user may not "
-                "record it: start a worker first (it records %d at its start)",
-                keys.prefix,
-                settings.partitions,
-            )
-            return
-        recorded = await client.hget(keys.deployment, "partitions")  # another process won
-    try:
-        existing = int(recorded or 0)
-    except ValueError:
-        existing = 0
-    if existing != settings.partitions:
-        raise ConfigurationError(
-            f"this deployment (key prefix {keys.prefix!r}) uses {existing} partitions, "
-            f"not {settings.partitions}: every process must use the same count"
-        )
-
-
-@contextlib.contextmanager
-def _first_contact(client: Client) -> Iterator[None]:
-    """Translate failures of the first round trip into errors that say what to fix."""
-    where = _address(client)
-    try:
-        with translate_redis_errors():
-            yield
-    except ConnectionLostError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, redis.exceptions.AuthenticationError):
-            raise ServerError(
-                f"the Redis server at {where} refused the credentials: {_first_line(cause)} "
-                "(give a role's user and password in the URL: redis://USER:PASSWORD@host)"
-            ) from cause
-        reason = _first_line(cause) if cause is not None else str(exc)
-        hint = _hint(client, cause)
-        raise ConnectionLostError(f"cannot connect to {where}: {reason}{hint}") from cause
-
-
-def _hint(client: Client, cause: BaseException | None) -> str:
-    tls = _is_tls(client)
-    chain: list[BaseException] = []
-    while cause is not None and len(chain) < 5:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    text = " ".join(str(c) for c in chain)
-    verify_failed = any(isinstance(c, ssl.SSLCertVerificationError) for c in chain) or (
-        "CERTIFICATE_VERIFY_FAILED" in text
-    )
-    if "Cluster mode is not enabled" in text:
-        return " (this server is not in cluster mode: use a redis:// or rediss:// URL)"
-    if tls and "mismatch" in text.lower():
-        return (
-            " (TLS: the server certificate does not name this host; connect with a host name "
-            "the certificate lists)"
-        )
-    if tls and verify_failed:
-        return (
-            " (TLS: the server certificate is not trusted; set tls_ca_file to the CA that "
-            "signed it)"
-        )
-    if tls and any(isinstance(c, ssl.SSLError) for c in chain):
-        return " (TLS handshake failed: is this a TLS port of the server?)"
-    if tls and "timeout" in text.lower():
-        return " (no TLS handshake answer in time: is this a TLS port of the server?)"
-    closed = ("closed by server", "closed by the server", "reset by peer")  # redis-py 8.1, 8.2
-    if not tls and any(word in text.lower() for word in closed):
-        return " (if the server accepts only TLS, use a rediss:// URL)"
-    return ""
-
-
-def _is_tls(client: Client) -> bool:
-    connection_class: Any
-    if isinstance(client, RedisCluster):
-        connection_class = client.get_connection_kwargs()["connection_class"]
-    else:
-        connection_class = client.connection_pool.connection_class
-    return issubclass(connection_class, redis.asyncio.connection.SSLConnection)
-
-
-def _address(client: Client) -> str:
-    scheme = "rediss" if _is_tls(client) else "redis"
-    if isinstance(client, RedisCluster):
-        nodes = ",".join(client.nodes_manager.startup_nodes)  # "host:port" names
-        return f"{scheme}+cluster://{nodes}"
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}"
-    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', _DEFAULT_PORT)}"
-
-
-def _pairs(reply: object) -> dict[str, object]:
-    """A HELLO reply (a flat list under RESP2, a map under RESP3) as a dict with str keys."""
-    if isinstance(reply, dict):
-        return {str(_text(k)): v for k, v in reply.items()}
-    if isinstance(reply, list):
-        return {str(_text(reply[i])): reply[i + 1] for i in range(0, len(reply) - 1, 2)}
-    return {}
-
-
-def _version(raw: str | None) -> tuple[int, ...]:
-    return tuple(int(p) for p in (raw or "0").split(".") if p.isdigit())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _text(value: object) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -12,7 +12,10 @@
     ├── BackpressureError                     persistence lags or Redis is out of memory
     ├── WaitTimeoutError (TimeoutError)       wait_for() saw no matching message in time
     ├── ServerError                           the server refused or is unsuitable
-    │   ├── EvictionPolicyError               maxmemory-policy can evict streams
+    │   ├── PermissionDeniedError (PermissionError)  this Redis user may not run a command
+    │   ├── UnsafeServerError                 the server could lose what it acknowledged
+    │   │   ├── EvictionPolicyError           maxmemory-policy can evict streams
+    │   │   └── ScriptReplayError             a restart would drop the scripts' writes
     │   └── EmbeddedServerError               the private server could not be started
     ├── ConnectionLostError (ConnectionError) the server could not be reached
     ├── HistoryError                          the history store failed
@@ -26,6 +29,7 @@ Messages never include message content: errors name ids, sizes and states only.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import redis.exceptions
@@ -41,14 +45,19 @@ __all__ = [
     "HistoryError",
     "HistoryUnavailableError",
     "MessageTooLargeError",
+    "PermissionDeniedError",
+    "ScriptReplayError",
     "ServerError",
     "SessionClosedError",
     "SessionExistsError",
     "SessionNotFoundError",
     "StreamStoreError",
+    "UnsafeServerError",
     "ValidationError",
     "WaitTimeoutError",
     "first_error",
+    "name_script",
+    "permission_denied",
     "translate_redis_errors",
 ]
 
@@ -106,8 +115,46 @@ class ServerError(StreamStoreError):
     """The Redis-compatible server refused a command or is configured unsafely."""
 
 
-class EvictionPolicyError(ServerError):
+class PermissionDeniedError(ServerError, PermissionError):
+    """This Redis user may not run a command streamstore needs (``deploy/users.acl`` gives each
+    role the commands of its work).
+
+    Attributes:
+        user: the Redis user refused, when known.
+        command: the command refused, when the server names it (Redis 7.0 does not for a
+            command inside a script).
+        script: the streamstore script that ran it, if any.
+        role: the role of ``deploy/users.acl`` whose work that script is, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        user: str | None = None,
+        command: str | None = None,
+        script: str | None = None,
+        role: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.user = user
+        self.command = command
+        self.script = script
+        self.role = role
+
+
+class UnsafeServerError(ServerError):
+    """The server is configured so that it could lose messages it acknowledged."""
+
+
+class EvictionPolicyError(UnsafeServerError):
     """The server's ``maxmemory-policy`` may evict keys, so acknowledged messages could vanish."""
+
+
+class ScriptReplayError(UnsafeServerError):
+    """The server would drop the writes of streamstore's scripts when it reloads its append-only
+    file: it logs them as MULTI/EXEC and, on reload, checks EXEC against the ``default`` ACL
+    user, which is disabled or restricted (redis/redis#14541, valkey-io/valkey#3983)."""
 
 
 class EmbeddedServerError(ServerError):
@@ -136,13 +183,36 @@ class CorruptEntryError(StreamStoreError):
     """An entry read from Redis is not a well-formed streamstore entry (it is dead-lettered)."""
 
 
+_SCRIPTS: dict[str, tuple[str, str]] = {}
+"""SHA1 of each streamstore script -> (its name, the role whose work it is)."""
+
+# How servers word a refusal by the ACL, inside a script or not:
+#   NOPERM this user has no permissions to run the 'xadd' command              (Redis 7.0)
+#   NOPERM User producer has no permissions to run the 'xtrim' command         (Valkey)
+#   ERR ACL failure in script: User prod has no permissions to run the 'set' command script: ...
+#   ERR The user executing the script can't run this command or subcommand script: <sha>, ...
+_REFUSED = re.compile(
+    r"no permissions to (?:run|access)|can't run this command|NOPERM", re.IGNORECASE
+)
+_COMMAND = re.compile(r"to run the '([A-Za-z|_-]+)' command")
+_SHA = re.compile(r"script: ([0-9a-f]{40})")
+
+
+def name_script(sha: str, name: str, role: str) -> None:
+    """Remember a script's name and role by its SHA1, so that an ACL refusal inside it names
+    them rather than the hash."""
+    _SCRIPTS[sha] = (name, role)
+
+
 @contextlib.contextmanager
-def translate_redis_errors() -> Iterator[None]:
-    """Re-raise redis-py errors as streamstore errors.
+def translate_redis_errors(*, user: str | None = None) -> Iterator[None]:
+    """Re-raise redis-py errors as streamstore errors; ``user`` is the Redis user of the
+    connection, named by an ACL refusal.
 
     Raises:
         BackpressureError: the server answered OOM (it is out of memory under ``noeviction``).
         ConnectionLostError: the connection failed or timed out.
+        PermissionDeniedError: the ACL refused a command (inside a script or not).
         ServerError: any other error reply.
     """
     try:
@@ -152,9 +222,37 @@ def translate_redis_errors() -> Iterator[None]:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise ConnectionLostError(f"lost the Redis connection: {type(exc).__name__}") from exc
     except redis.exceptions.ResponseError as exc:
-        if str(exc).startswith("OOM"):
+        text = str(exc)
+        if text.startswith("OOM"):
             raise BackpressureError("the Redis server is out of memory") from exc
+        if isinstance(exc, redis.exceptions.NoPermissionError) or _REFUSED.search(text):
+            raise permission_denied(text, user=user) from exc
         raise ServerError(f"the Redis server refused a command: {exc}") from exc
+
+
+def permission_denied(text: str, *, user: str | None = None) -> PermissionDeniedError:
+    """The error for an ACL refusal worded ``text`` by the server: it names the user, the
+    command when the server says which, and the streamstore script and role rather than a
+    script hash."""
+    found = _COMMAND.search(text)
+    command = found.group(1).upper().replace("|", " ") if found else None
+    sha = _SHA.search(text)
+    script, role = _SCRIPTS.get(sha.group(1), (None, None)) if sha else (None, None)
+    who = f"Redis user {user!r}" if user else "this Redis user"
+    what = command or "a command"
+    where = f" in the {script} script" if script else ""
+    needs = (
+        f"; this is the {role} role's work (deploy/users.acl)"
+        if role
+        else "; see deploy/users.acl for what each role may run"
+    )
+    return PermissionDeniedError(
+        f"{who} may not run {what}{where}{needs}",
+        user=user,
+        command=command,
+        script=script,
+        role=role,
+    )
 
 
 @contextlib.contextmanager

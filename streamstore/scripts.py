@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
@@ -20,15 +20,30 @@ from redis.commands.core import AsyncScript
 
 from streamstore.codec import encode_session
 from streamstore.connection import Client
+from streamstore.errors import name_script
 from streamstore.keys import GROUP, Keyspace
 from streamstore.models import Session, StreamId
 
-__all__ = ["Scripts"]
+__all__ = ["ROLES", "Scripts"]
+
+ROLES: Final = {
+    "publish": "producer",
+    "create_session": "producer",
+    "end_session": "producer",
+    "read_tail": "subscriber",
+    "advance": "persister",
+    "retire": "sweeper",
+    "reap_consumer": "sweeper",
+    "deployment": "worker",
+}
+"""Each script, and the role of deploy/users.acl whose work it is (named by ACL refusals)."""
 
 
 def _load(client: Client, name: str) -> AsyncScript:
     source = resources.files("streamstore").joinpath("lua", f"{name}.lua").read_text("utf-8")
-    return client.register_script(source)
+    script = client.register_script(source)
+    name_script(script.sha, name.replace("_", " "), ROLES[name])
+    return script
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +57,7 @@ class Scripts:
     _end_session: AsyncScript
     _retire: AsyncScript
     _reap_consumer: AsyncScript
+    _deployment: AsyncScript
 
     @classmethod
     def register(cls, client: Client) -> Scripts:
@@ -54,6 +70,7 @@ class Scripts:
             _end_session=_load(client, "end_session"),
             _retire=_load(client, "retire"),
             _reap_consumer=_load(client, "reap_consumer"),
+            _deployment=_load(client, "deployment"),
         )
 
     async def load(self, client: Client) -> None:
@@ -70,8 +87,20 @@ class Scripts:
             self._end_session,
             self._retire,
             self._reap_consumer,
+            self._deployment,
         ):
             await client.script_load(script.script)
+
+    async def deployment_epoch(self, keys: Keyspace, epoch: str, *, now: float) -> tuple[str, str]:
+        """The deployment's epoch, given it (``epoch``) if it has none, and what was found:
+        ``"kept"``, ``"new"`` or ``"lost"`` (a partition count without an epoch: the server
+        lost data; see deployment.lua).
+
+        Raises:
+            redis.exceptions.RedisError: as the server or the connection raised it.
+        """
+        found, state = await self._deployment(keys=[keys.deployment], args=[epoch, repr(now)])
+        return found.decode(), state.decode()
 
     async def advance(self, keys: Keyspace, partition: int, *, now_ms: int, hot_ms: int) -> Any:
         """Apply a partition's deferred watermarks, trim its session streams and its feed

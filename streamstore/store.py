@@ -25,14 +25,7 @@ from streamstore.codec import (
     message_from_values,
 )
 from streamstore.config import Settings
-from streamstore.connection import (
-    Client,
-    ServerInfo,
-    check_server,
-    connect,
-    is_transient,
-    used_memory,
-)
+from streamstore.connection import Client, connect, is_transient, url_user
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import (
     BackpressureError,
@@ -43,6 +36,7 @@ from streamstore.errors import (
     SessionNotFoundError,
     ValidationError,
     WaitTimeoutError,
+    permission_denied,
     translate_redis_errors,
 )
 from streamstore.history import HistoryStore, history_from_url
@@ -60,6 +54,7 @@ from streamstore.models import (
 )
 from streamstore.replay import SessionReader
 from streamstore.scripts import Scripts
+from streamstore.server_check import ServerInfo, check_server, used_memory
 from streamstore.stats import DeadLetter, DeploymentStats, PartitionStats
 
 __all__ = ["StreamStore"]
@@ -88,6 +83,7 @@ class StreamStore:
         self.keys = Keyspace(settings.key_prefix, settings.partitions)
         self.server = server
         self.url = url
+        self._user = url_user(url)
         self._client = client
         self._history = history
         self._scripts = Scripts.register(client)
@@ -140,7 +136,7 @@ class StreamStore:
             client = connect(url, resolved)
             stack.push_async_callback(client.aclose)
             keys = Keyspace(resolved.key_prefix, resolved.partitions)
-            info = await check_server(client, resolved, keys)
+            info = await check_server(client, resolved, keys, user=url_user(url))
             history = history_from_url(resolved.history_url)
             await history.open()
             stack.push_async_callback(history.close)
@@ -203,7 +199,7 @@ class StreamStore:
         )
         keys = self.keys.session(session_id)
         try:
-            with translate_redis_errors():
+            with translate_redis_errors(user=self._user):
                 await self._scripts.create_session(
                     keys=[keys.meta, keys.index, keys.deadlines, keys.feed],
                     args=[
@@ -228,7 +224,7 @@ class StreamStore:
             SessionNotFoundError: neither tier knows it.
         """
         validate_session_id(session_id)
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             meta = await self._client.hgetall(self.keys.session(session_id).meta)
         if meta:
             return decode_session_meta(session_id, meta)
@@ -247,13 +243,13 @@ class StreamStore:
         if limit < 1:
             raise ValidationError("limit must be positive")
         start = b"-" if after is None else b"(" + validate_session_id(after).encode()
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             async with self._client.pipeline(transaction=False) as pipe:
                 for p in range(self.keys.partitions):
                     pipe.zrangebylex(self.keys.index(p), start, b"+", start=0, num=limit)
                 pages: list[list[bytes]] = await pipe.execute()
         live = sorted({sid.decode() for page in pages for sid in page})[:limit]
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             async with self._client.pipeline(transaction=False) as pipe:
                 for sid in live:
                     pipe.hgetall(self.keys.session(sid).meta)
@@ -294,7 +290,7 @@ class StreamStore:
         if current.state is SessionState.DELETED and state is SessionState.CLOSED:
             raise SessionClosedError(session_id, "deleted")
         ended = dataclasses.replace(current, state=state, last_active_at=time.time())
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             previous = await self._scripts.end_session(
                 self.keys,
                 ended,
@@ -430,7 +426,7 @@ class StreamStore:
             fresh=fresh,
         )
         try:
-            with translate_redis_errors():
+            with translate_redis_errors(user=self._user):
                 return await self._publisher.publish(batch)
         except Exception as exc:
             _raise_script_error(exc, session_id)
@@ -490,7 +486,7 @@ class StreamStore:
         Raises:
             ConnectionLostError: the server cannot be reached.
         """
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             memory = await used_memory(self._client)  # INFO: not in a cluster's pipelines
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.xlen(self.keys.dead_letters)
@@ -500,6 +496,9 @@ class StreamStore:
                     pipe.xinfo_stream(self.keys.feed(p))
                     pipe.xinfo_groups(self.keys.feed(p))
                 replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:  # others: a feed that does not exist yet
+            if isinstance(reply, redis.exceptions.NoPermissionError):
+                raise permission_denied(str(reply), user=self._user) from reply
         dead, lost = replies[0], replies[1]
         partitions = []
         live = 0
@@ -526,7 +525,7 @@ class StreamStore:
         Raises:
             ConnectionLostError: the server cannot be reached.
         """
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             await self._client.hdel(self.keys.deployment, "data_lost_at")
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
@@ -535,7 +534,7 @@ class StreamStore:
         Raises:
             ConnectionLostError: the server cannot be reached.
         """
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             entries = await self._client.xrange(self.keys.dead_letters, count=limit)
         return [_dead_letter(entry_id, fields) for entry_id, fields in entries or []]
 
@@ -548,7 +547,7 @@ class StreamStore:
             ConnectionLostError: the server cannot be reached.
         """
         entry = str(StreamId.parse(dead_letter_id))
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             found = await self._client.xrange(self.keys.dead_letters, entry, entry)
             if not found:
                 return False
@@ -667,7 +666,7 @@ class StreamStore:
     async def _resolve(self, session_id: str, after: Cursor) -> StreamId:
         """Check that the session exists and turn ``after`` into a concrete position."""
         validate_session_id(session_id)
-        with translate_redis_errors():
+        with translate_redis_errors(user=self._user):
             meta = await self._client.hmget(
                 self.keys.session(session_id).meta, ["state", "last_id"]
             )

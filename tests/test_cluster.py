@@ -32,15 +32,10 @@ from streamstore import (
     Sweeper,
     SweeperSettings,
 )
-from streamstore.connection import (
-    _describe,
-    _TCPConnection,
-    _TLSConnection,
-    connect,
-    redact_url,
-)
+from streamstore.connection import _TCPConnection, _TLSConnection, connect, redact_url
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import ConnectionLostError, StreamStoreError
+from streamstore.server_check import _describe
 from tests.cluster import LocalCluster, TlsFiles
 from tests.faults.tally import Tally
 from tests.test_persister import (  # noqa: F401  (collected again here, on the cluster)

@@ -1,0 +1,486 @@
+"""What streamstore checks about a server before it writes anything: version, eviction policy,
+whether a restart would replay what the scripts wrote, the partition count, and the
+deployment's epoch (whose loss means the server lost acknowledged messages).
+
+Every check works with each role of ``deploy/users.acl``; what a role may not ask is reported
+as not verified, never guessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import redis.asyncio.connection
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+
+from streamstore.config import Settings
+from streamstore.connection import DEFAULT_PORT, Client, connect_timeout
+from streamstore.errors import (
+    BackpressureError,
+    ConfigurationError,
+    ConnectionLostError,
+    EvictionPolicyError,
+    PermissionDeniedError,
+    ScriptReplayError,
+    ServerError,
+    translate_redis_errors,
+)
+from streamstore.keys import GROUP, Keyspace
+from streamstore.scripts import Scripts
+
+__all__ = ["ServerInfo", "check_server", "drops_script_writes", "used_memory"]
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (6, 2)
+"""XAUTOCLAIM and exclusive XRANGE bounds arrived in Redis 6.2."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What streamstore learned about the server when it connected.
+
+    ``maxmemory_policy`` and ``appendonly`` are None when this connection's user may not run
+    INFO (a producer or subscriber under ``deploy/users.acl``): they were not verified. On a
+    cluster they describe the primaries together: the first policy other than ``noeviction``
+    any of them has, and whether all of them log appends.
+    """
+
+    name: str
+    version: tuple[int, ...]
+    maxmemory_policy: str | None
+    appendonly: bool | None
+    replays_scripts: bool | None = None
+    """Whether a restart replays what the scripts wrote (False: it would drop it, see
+    :func:`drops_script_writes`); None when this user could not verify it."""
+    epoch: str | None = None
+    """The deployment's epoch (None: this user could not read or set it)."""
+
+
+async def used_memory(client: Client) -> int:
+    """Bytes of memory the server uses (summed over a cluster's primaries); 0 when this
+    user may not run INFO.
+
+    Raises:
+        redis.exceptions.RedisError: as the server or the connection raised it.
+    """
+    try:
+        infos = await _infos(client, "memory")
+    except redis.exceptions.NoPermissionError:
+        return 0
+    return sum(int(info.get("used_memory", 0)) for info in infos)
+
+
+async def _infos(client: Client, *section: str) -> list[dict[str, Any]]:
+    """INFO from the server, or from every primary of a cluster."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        return [await client.info(*section, target_nodes=node) for node in client.get_primaries()]
+    return [await client.info(*section)]
+
+
+def drops_script_writes(name: str, version: tuple[int, ...]) -> bool:
+    """Whether this server version, reloading its append-only file, drops what scripts wrote
+    when the ``default`` ACL user may not run those commands.
+
+    Since Redis 7 a script's writes are logged as MULTI/EXEC, and while the file is reloaded
+    EXEC checks the ACL again as the ``default`` user (redis/redis#14541, fixed by #14545;
+    valkey-io/valkey#3983, fixed by #3984): with that user disabled by a ``user default off``
+    line, which also takes all its permissions, every such transaction is dropped while plain
+    writes survive. Measured here (AOF, two writes in one EVAL, a clean restart): Redis
+    7.0.15 and Valkey 9.0.0, 9.1.0 and 9.1.1 drop them; Valkey 9.1.2 keeps them. Which Redis
+    release carries the fix was not verified, so every Redis counts as affected.
+    """
+    if name == "valkey":
+        return version < (9, 1, 2)
+    return True
+
+
+async def check_server(
+    client: Client, settings: Settings, keys: Keyspace, *, user: str | None = None
+) -> ServerInfo:
+    """Verify version, eviction policy, script replay and partition count, and read or set the
+    deployment's epoch, before anything is written. ``user`` is the connection's Redis user.
+
+    Works with each role of ``deploy/users.acl``: a user that may not run INFO is checked by
+    HELLO for the version, with a warning that the eviction policy was not verified; one that
+    may not run ACL DRYRUN leaves the replay check unverified (a worker's user verifies it);
+    a user that may not write the deployment hash only reads it. CONFIG is never used. On a
+    cluster, every primary's INFO is read: the oldest version counts, any node that may evict
+    fails the check, and nodes that disagree on the policy are reported.
+
+    A deployment whose partition count is recorded but whose epoch is gone has lost data
+    (see deployment.lua): the loss is logged and recorded (``data_lost_at``, reported by
+    ``stats()`` and ``streamstore check`` until acknowledged).
+
+    Raises:
+        ConnectionLostError: the server cannot be reached within the connect timeout, or the
+            TLS handshake failed (the message says why: untrusted certificate, host name
+            mismatch, not a TLS port, a cluster URL for a server that is not in cluster mode).
+        ConfigurationError: the URL names a database the server does not have or that this
+            user may not select; or the deployment was set up with another partition count.
+        ServerError: the server refused the credentials, may not be asked its version, or is
+            older than Redis 6.2; or this user may not read the deployment hash.
+        EvictionPolicyError: ``maxmemory-policy`` is not ``noeviction`` and
+            ``settings.eviction_check == "refuse"``.
+        ScriptReplayError: the server logs appends, drops script writes on reload and its
+            ``default`` user may not run them, and ``settings.eviction_check == "refuse"``.
+    """
+    with _first_contact(client, settings):
+        name, version, policy, appendonly = await _describe(client)
+    if version[:2] < MIN_VERSION:
+        shown = ".".join(map(str, version))
+        raise ServerError(f"{name} {shown} is too old: streamstore needs Redis >= 6.2")
+    refuse = settings.eviction_check == "refuse"
+    if policy is not None and policy != "noeviction":
+        message = (
+            f"the server's maxmemory-policy is {policy!r}: it may evict streams holding "
+            "acknowledged messages; set it to noeviction"
+        )
+        if refuse:
+            raise EvictionPolicyError(message)
+        log.warning(message)
+    replays: bool | None = True  # also when nothing is replayed: no append-only file
+    if appendonly is None:  # this user may not run INFO
+        replays = None
+    elif appendonly and drops_script_writes(name, version):
+        with translate_redis_errors(user=user):
+            replays = await _default_user_replays(client, keys)
+    if replays is False:
+        shown = ".".join(map(str, version))
+        message = (
+            f"{name} {shown} with append-only persistence would drop every message "
+            "acknowledged since its last rewrite when it restarts: it replays the scripts' "
+            "writes as the 'default' ACL user, which may not run them; give that user its "
+            "permissions and keep it off (`user default off resetpass ~* &* +@all`, as "
+            "deploy/users.acl does)"
+        )
+        if refuse:
+            raise ScriptReplayError(message)
+        log.warning(message)
+    if appendonly is False:
+        log.warning(
+            "the server runs without append-only persistence: a restart loses "
+            "messages not yet persisted to history"
+        )
+    with translate_redis_errors(user=user):
+        epoch = await _record_deployment(client, settings, keys, Scripts.register(client))
+    return ServerInfo(name, version, policy, appendonly, replays, epoch)
+
+
+def _replay_probes(keys: Keyspace) -> list[tuple[str, ...]]:
+    """Every write the scripts make, as logged in the append-only file, on a key of each kind
+    they write: what the ``default`` user must be allowed for a reload to keep them."""
+    stream = keys.stream_prefix(0) + "probe"
+    meta = keys.meta_prefix(0) + "probe"
+    feed = keys.feed(0)
+    hashes = (meta, keys.deployment, keys.dedup(0, 0), keys.deferred(0))
+    sets = (keys.index(0), keys.deadlines(0), keys.closing(0))
+    return [
+        ("XADD", stream, "1-1", "d", "x"),
+        ("XADD", feed, "1-1", "k", "m"),
+        ("XDEL", stream, "1-1"),
+        ("XTRIM", stream, "MINID", "1-1"),
+        ("XTRIM", feed, "MINID", "1-1"),
+        ("XGROUP", "DELCONSUMER", feed, GROUP, "probe"),
+        ("DEL", stream),
+        ("PEXPIREAT", meta, "1"),
+        ("PEXPIREAT", keys.dedup(0, 0), "1"),
+        *(("HSET", key, "f", "v") for key in hashes),
+        ("HDEL", keys.deferred(0), "f"),
+        *(("ZADD", key, "0", "s") for key in sets),
+        *(("ZREM", key, "s") for key in sets),
+    ]
+
+
+async def _default_user_replays(client: Client, keys: Keyspace) -> bool | None:
+    """Whether the ``default`` user may run every write the scripts make (ACL DRYRUN); None
+    when this user may not ask, or the server has no ACL DRYRUN (before Redis 7).
+
+    Raises:
+        redis.exceptions.RedisError: as the server or the connection raised it.
+    """
+    execute: Callable[..., Awaitable[object]] = client.execute_command
+    for probe in _replay_probes(keys):
+        try:
+            answer = await execute("ACL", "DRYRUN", "default", *probe, **_any_node(client))
+        except redis.exceptions.ResponseError as exc:
+            if "unknown" in str(exc).lower() or _refused(exc):
+                log.info("the replay of script writes was not verified: %s", _first_line(exc))
+                return None
+            raise
+        if answer not in (b"OK", "OK"):
+            log.info("the default user may not run %s: %s", probe[0], _text(answer))
+            return False
+    return True
+
+
+def _refused(exc: redis.exceptions.ResponseError) -> bool:
+    return isinstance(exc, redis.exceptions.NoPermissionError) or "no permission" in str(exc)
+
+
+async def _record_deployment(
+    client: Client, settings: Settings, keys: Keyspace, scripts: Scripts
+) -> str | None:
+    """Read or set the epoch, record a loss it reveals, then check the partition count (or
+    record it, after the epoch: a count without an epoch means the epoch was lost). Returns
+    the epoch, None when this user may not read it or the server is out of memory.
+
+    Raises:
+        ConfigurationError: the deployment uses another partition count.
+        PermissionDeniedError: this user may not read the deployment hash.
+        redis.exceptions.RedisError: as the server or the connection raised it.
+    """
+    epoch: str | None
+    try:
+        with translate_redis_errors():
+            epoch, state = await scripts.deployment_epoch(
+                keys, os.urandom(8).hex(), now=time.time()
+            )
+    except (BackpressureError, PermissionDeniedError) as exc:  # full, or a read-only role
+        log.info("the deployment's epoch was not set: %s", exc)
+        epoch = _text(await client.hget(keys.deployment, "epoch"))
+        partitions = await client.hget(keys.deployment, "partitions")
+        state = "lost" if epoch is None and partitions is not None else "kept"
+    if state == "lost":
+        await _record_loss(client, keys)
+    await _check_partitions(client, settings, keys)
+    return epoch
+
+
+async def _record_loss(client: Client, keys: Keyspace) -> None:
+    """Log a loss of the server's data and record when it was found (a plain write, which
+    survives what dropped the scripts' writes) where ``stats()`` and ``check`` report it."""
+    log.error(
+        "the Redis server lost data (its deployment epoch is gone while its partition count "
+        "is not: it restarted without persistence, was flushed, or dropped the scripts' "
+        "writes on reload): messages it acknowledged and nobody had persisted are lost; "
+        "`streamstore check` reports it until `--acknowledge-data-loss`"
+    )
+    try:
+        await client.hsetnx(keys.deployment, "data_lost_at", repr(time.time()))
+    except redis.exceptions.NoPermissionError:
+        log.error("this Redis user may not record the loss: run `streamstore check` as a worker")
+
+
+async def _describe(client: Client) -> tuple[str, tuple[int, ...], str | None, bool | None]:
+    """Name, version, eviction policy and AOF state from INFO; from HELLO (version only) when
+    this user may not run INFO."""
+    try:
+        infos = await _infos(client)  # the default sections: server, memory, cluster, ...
+    except redis.exceptions.ResponseError as exc:  # NOPERM under a least-privilege ACL
+        _refuse_database(client, exc)
+        log.warning(
+            "this Redis user may not run INFO (%s): the eviction policy and persistence are "
+            "not verified by this connection (a worker's user verifies them at its start)",
+            _first_line(exc),
+        )
+        try:
+            execute: Callable[..., Awaitable[object]] = client.execute_command
+            hello = await execute("HELLO", "2", **_any_node(client))
+        except redis.exceptions.ResponseError as hello_exc:
+            raise ServerError(
+                "cannot tell the server's version: this Redis user was refused "
+                f"({_first_line(exc)}; then {_first_line(hello_exc)}); it needs +info or "
+                "+hello, and on a cluster +cluster|slots +command (see deploy/users.acl)"
+            ) from hello_exc
+        fields = _pairs(hello)
+        name = _text(fields.get("server")) or "redis"
+        return name, _version(_text(fields.get("version"))), None, None
+    if not isinstance(client, RedisCluster) and any(i.get("cluster_enabled") for i in infos):
+        log.warning(
+            "%s is a node of a Redis Cluster: unless it serves every slot, name the cluster "
+            "with a redis+cluster://host:port[,host:port...] URL",
+            _address(client),
+        )
+    name = "valkey" if any("valkey_version" in info for info in infos) else "redis"
+    version = min(
+        _version(str(info.get("valkey_version") or info.get("redis_version", "0")))
+        for info in infos
+    )
+    policies = {str(info.get("maxmemory_policy")) for info in infos}
+    if len(policies) > 1:
+        log.warning("the cluster's primaries disagree on maxmemory-policy: %s", sorted(policies))
+    risky = sorted(policies - {"noeviction", "None"})
+    policy = risky[0] if risky else policies.pop()
+    aof = {str(info.get("aof_enabled")) for info in infos}
+    return (
+        name,
+        version,
+        None if policy == "None" else policy,
+        None if aof == {"None"} else aof == {"1"},
+    )
+
+
+def _refuse_database(client: Client, exc: redis.exceptions.ResponseError) -> None:
+    """Raise what a refused SELECT (sent by redis-py as the connection opens) means.
+
+    Raises:
+        ConfigurationError: the URL's database does not exist, or this user may not select it.
+    """
+    text = str(exc)
+    db = 0
+    if not isinstance(client, RedisCluster):
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+    if "DB index is out of range" in text:
+        raise ConfigurationError(
+            f"the Redis URL names database {db}, which this server does not have "
+            "(it has fewer databases): use /0"
+        ) from None
+    if "'select' command" in text:
+        raise ConfigurationError(
+            f"this Redis user may not select database {db}: use database 0 (/0), as every "
+            "role of deploy/users.acl does"
+        ) from None
+
+
+def _any_node(client: Client) -> dict[str, Any]:
+    """Keyword arguments sending a keyless command to one node (a cluster client refuses to
+    guess where HELLO goes)."""
+    if isinstance(client, RedisCluster):
+        return {"target_nodes": client.get_default_node()}
+    return {}
+
+
+async def _check_partitions(client: Client, settings: Settings, keys: Keyspace) -> None:
+    """Compare the recorded partition count with ours; record it when it is absent (and this
+    user may write it)."""
+    recorded = await client.hget(keys.deployment, "partitions")
+    if recorded is None:
+        try:
+            if await client.hsetnx(keys.deployment, "partitions", settings.partitions):
+                return
+        except redis.exceptions.NoPermissionError:
+            log.warning(
+                "deployment %r has no recorded partition count yet and this Redis user may not "
+                "record it: start a worker first (it records %d at its start)",
+                keys.prefix,
+                settings.partitions,
+            )
+            return
+        recorded = await client.hget(keys.deployment, "partitions")  # another process won
+    try:
+        existing = int(recorded or 0)
+    except ValueError:
+        existing = 0
+    if existing != settings.partitions:
+        raise ConfigurationError(
+            f"this deployment (key prefix {keys.prefix!r}) uses {existing} partitions, "
+            f"not {settings.partitions}: every process must use the same count"
+        )
+
+
+@contextlib.contextmanager
+def _first_contact(client: Client, settings: Settings) -> Iterator[None]:
+    """Translate failures of the first round trip into errors that say what to fix, within
+    the connect timeout (and a little more): redis-py's retries of a connection that timed out
+    (a TLS handshake with a plaintext port never answers) would otherwise take four times it.
+
+    Raises:
+        ConnectionLostError, ServerError, ConfigurationError: as :func:`check_server` says.
+    """
+    where = _address(client)
+    deadline = connect_timeout(settings) + 0.5
+    try:
+        with translate_redis_errors(), anyio.fail_after(deadline):
+            yield
+    except TimeoutError as exc:
+        hint = " (no TLS handshake answer: is this a TLS port of the server?)" * _is_tls(client)
+        raise ConnectionLostError(
+            f"cannot connect to {where}: no answer within {deadline:g} s{hint}"
+        ) from exc
+    except ConnectionLostError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, redis.exceptions.AuthenticationError):
+            raise ServerError(
+                f"the Redis server at {where} refused the credentials: {_first_line(cause)} "
+                "(give a role's user and password in the URL: redis://USER:PASSWORD@host)"
+            ) from cause
+        reason = _first_line(cause) if cause is not None else str(exc)
+        hint = _hint(client, cause)
+        raise ConnectionLostError(f"cannot connect to {where}: {reason}{hint}") from cause
+
+
+def _hint(client: Client, cause: BaseException | None) -> str:
+    tls = _is_tls(client)
+    chain: list[BaseException] = []
+    while cause is not None and len(chain) < 5:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(c) for c in chain)
+    verify_failed = any(isinstance(c, ssl.SSLCertVerificationError) for c in chain) or (
+        "CERTIFICATE_VERIFY_FAILED" in text
+    )
+    if "Cluster mode is not enabled" in text:
+        return " (this server is not in cluster mode: use a redis:// or rediss:// URL)"
+    if tls and "mismatch" in text.lower():
+        return (
+            " (TLS: the server certificate does not name this host; connect with a host name "
+            "the certificate lists)"
+        )
+    if tls and verify_failed:
+        return (
+            " (TLS: the server certificate is not trusted; set tls_ca_file to the CA that "
+            "signed it)"
+        )
+    if tls and any(isinstance(c, ssl.SSLError) for c in chain):
+        return " (TLS handshake failed: is this a TLS port of the server?)"
+    if tls and "timeout" in text.lower():
+        return " (no TLS handshake answer in time: is this a TLS port of the server?)"
+    closed = ("closed by server", "closed by the server", "reset by peer")  # redis-py 8.1, 8.2
+    if not tls and any(word in text.lower() for word in closed):
+        return " (if the server accepts only TLS, use a rediss:// URL)"
+    return ""
+
+
+def _is_tls(client: Client) -> bool:
+    connection_class: Any
+    if isinstance(client, RedisCluster):
+        connection_class = client.get_connection_kwargs()["connection_class"]
+    else:
+        connection_class = client.connection_pool.connection_class
+    return issubclass(connection_class, redis.asyncio.connection.SSLConnection)
+
+
+def _address(client: Client) -> str:
+    scheme = "rediss" if _is_tls(client) else "redis"
+    if isinstance(client, RedisCluster):
+        nodes = ",".join(client.nodes_manager.startup_nodes)  # "host:port" names
+        return f"{scheme}+cluster://{nodes}"
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', DEFAULT_PORT)}"
+
+
+def _pairs(reply: object) -> dict[str, object]:
+    """A HELLO reply (a flat list under RESP2, a map under RESP3) as a dict with str keys."""
+    if isinstance(reply, dict):
+        return {str(_text(k)): v for k, v in reply.items()}
+    if isinstance(reply, list):
+        return {str(_text(reply[i])): reply[i + 1] for i in range(0, len(reply) - 1, 2)}
+    return {}
+
+
+def _version(raw: str | None) -> tuple[int, ...]:
+    return tuple(int(p) for p in (raw or "0").split(".") if p.isdigit())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
