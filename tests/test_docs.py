@@ -59,6 +59,25 @@ def test_exported_members() -> None:
         assert getattr(streamstore, name).__module__.startswith("streamstore.")
 
 
+INSTALLED_FILES = ("*.md", "*.py", "*.toml", "*.yaml", "*.service", "*.example", "Dockerfile")
+
+
+def test_no_instruction_installs_the_unrelated_streamstore_from_the_index() -> None:
+    """`streamstore` on the public package index is somebody else's project: nothing here may
+    tell anyone to install it by that name (a dependency-confusion trap)."""
+    assert 'name = "streamstore"' not in (ROOT / "pyproject.toml").read_text()
+    by_name = re.compile(r"pip install[^\n`]*?(?<![\w./-])['\"]?streamstore(\[|['\"\s]|$)")
+    offenders = []
+    for pattern in INSTALLED_FILES:
+        for path in ROOT.rglob(pattern):
+            if ".venv" in path.parts or ".git" in path.parts:
+                continue
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if by_name.search(line) and "test_no_instruction" not in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, offenders
+
+
 @pytest.mark.slow
 def test_demo_runs_on_an_embedded_server_it_starts_itself(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSTORE_")}

