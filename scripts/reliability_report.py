@@ -41,7 +41,13 @@ FOOTER = """
 Expected non-zero figures: *server restarted empty* loses exactly the acknowledged messages
 that were not yet persisted when a server without an append-only file restarted; the loss is
 detected (a changed deployment epoch), logged, counted and reported by `stats()` and
-`streamstore check`, and the pipeline carries on.
+`streamstore check`, and the pipeline carries on. *restricted default user, check bypassed*
+runs the server streamstore refuses (*restricted default user*: `user default off` with no
+permissions, the layout `deploy/users.acl` shipped before) with the check turned into a
+warning: on servers that replay the scripts' writes as the `default` user (Redis 7.0, Valkey
+before 9.1.2) a restart loses every acknowledged message, and the loss is detected (the epoch,
+written by a script, is gone) and reported by `streamstore check` (exit 3); Valkey 9.1.2
+loses nothing.
 
 Breaking the code on purpose shows which scenarios guard what (see the notes of the issues):
 acknowledging before the commit, trimming without the watermark, or dropping the dedup check
