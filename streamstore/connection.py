@@ -10,24 +10,23 @@ keys of one partition, which share a hash tag, so each one runs on the node owni
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
 
-import hiredis
 import redis.asyncio.connection
 import redis.exceptions
-from redis._parsers import BaseParser
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.typing import EncodableT
 
+from streamstore._fastpath import ENABLED as fast_path_enabled
+from streamstore._fastpath import DirectExchange, HiredisPacking
 from streamstore.config import Settings
 from streamstore.errors import (
     ConfigurationError,
@@ -36,9 +35,9 @@ from streamstore.errors import (
 )
 
 __all__ = [
+    "CONNECTION_CLASSES",
     "DEFAULT_PORT",
     "Client",
-    "DirectExchange",
     "connect",
     "connect_timeout",
     "is_transient",
@@ -146,9 +145,9 @@ def connect(url: str, settings: Settings) -> Client:
     if parts.scheme in _CLUSTER_SCHEMES:
         return _connect_cluster(parts, scheme, options)
     # The URL's own options (query, credentials, database) win, as in ConnectionPool.from_url;
-    # the connection class is ours whatever the URL says, so that hiredis packs commands.
-    url_options = _url_options(url)
-    pool = ConnectionPool(**(options | url_options | {"connection_class": _PACKING[scheme]}))
+    # the connection class is ours whatever the URL says (the fast path's, when enabled).
+    url_options = _url_options(url) | {"connection_class": CONNECTION_CLASSES[scheme]}
+    pool = ConnectionPool(**(options | url_options))
     return Redis.from_pool(pool)  # closing the client closes the pool's connections
 
 
@@ -189,7 +188,10 @@ def _connect_cluster(parts: SplitResult, scheme: str, options: dict[str, Any]) -
         raise ConfigurationError("a Redis Cluster has database 0 only: drop the /<db> part")
     return _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
-        connection_class=_TLSConnection if scheme == "rediss" else _TCPConnection,
+        # redis:// or rediss://: a TCP or TLS connection class
+        connection_class=cast(
+            "type[redis.asyncio.connection.Connection]", CONNECTION_CLASSES[scheme]
+        ),
         ssl=scheme == "rediss",
         **(options | url_options),
     )
@@ -284,89 +286,6 @@ def is_transient(error: BaseException) -> bool:
     )
 
 
-class _HiredisPacking:
-    """Packs commands with hiredis (C) instead of redis-py's Python code, which costs about
-    11 µs more per command: a tenth of a publish. Same bytes on the wire."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str):  # "SCRIPT LOAD" and the like are several words
-            args = (*args[0].encode().split(), *args[1:])
-        elif b" " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
-        return [b"".join(self.pack_command(*command)[0] for command in commands)]
-
-
-class DirectExchange(redis.asyncio.connection.AbstractConnection):
-    """Sends commands and reads their replies straight on the connection's streams, with a
-    hiredis reader of its own: for a connection held out of the pool by one owner
-    (:mod:`streamstore.held`). redis-py's ``send_packed_command`` and ``read_response`` add
-    health checks, a timeout context per reply, maintenance-notification and push handling
-    and observability hooks: about 30 µs of CPU per exchange on top of the ~50 µs that the
-    loopback round trip itself costs the event loop here."""
-
-    _exchange_reader: hiredis.Reader | None = None
-    _exchange_stream: asyncio.StreamReader | None = None  # the link the reader was made for
-
-    async def exchange(self, packed: bytes, count: int) -> list[Any]:
-        """Write ``packed`` (``count`` commands) and return one reply per command, a refusal
-        as its :class:`~redis.exceptions.ResponseError` in its place; all replies are read
-        within ``socket_timeout``. The caller drops the connection when this raises (replies
-        may be left unread).
-
-        Raises:
-            redis.exceptions.ConnectionError: the link is closed or failed, or the server is
-                loading its data set.
-            redis.exceptions.TimeoutError: the replies did not all come within
-                ``socket_timeout``.
-        """
-        if not self.is_connected:
-            # As send_packed_command does: the handshake once (the caller's retries repeat
-            # it), not connect()'s own retry loop around it.
-            await self.connect_check_health(check_health=False)
-        stream, writer = self._reader, self._writer
-        if stream is None or writer is None:  # closed under us by another task
-            raise redis.exceptions.ConnectionError(f"{self._host_error()}: connection closed")
-        reader = self._exchange_reader
-        if reader is None or self._exchange_stream is not stream:  # a new link
-            reader = self._exchange_reader = hiredis.Reader(
-                protocolError=redis.exceptions.InvalidResponse,
-                replyError=BaseParser.parse_error,
-                notEnoughData=_NOT_ENOUGH_DATA,
-            )
-            self._exchange_stream = stream
-        replies: list[Any] = []
-        try:
-            writer.write(packed)
-            async with asyncio.timeout(self.socket_timeout):
-                while len(replies) < count:
-                    reply = reader.gets()
-                    if reply is _NOT_ENOUGH_DATA:
-                        data = await stream.read(_READ_SIZE)
-                        if not data:
-                            raise redis.exceptions.ConnectionError(
-                                f"{self._host_error()}: connection closed by the server"
-                            )
-                        reader.feed(data)
-                    elif isinstance(reply, redis.exceptions.ConnectionError):
-                        raise reply  # LOADING: retried like a lost link
-                    else:
-                        replies.append(reply)
-        except TimeoutError as exc:
-            raise redis.exceptions.TimeoutError(
-                f"Timeout reading from {self._host_error()}"
-            ) from exc
-        except OSError as exc:
-            raise redis.exceptions.ConnectionError(f"{self._host_error()}: {exc}") from exc
-        return replies
-
-
-_NOT_ENOUGH_DATA: Final = object()
-_READ_SIZE: Final = 65536
-
-
 class _ClosedUnderUs(redis.asyncio.connection.AbstractConnection):
     """Raises ConnectionError, to be retried like any lost connection, where redis-py 8.1
     raises AttributeError: on a connection another task closed while this one was using it.
@@ -388,30 +307,34 @@ class _ClosedUnderUs(redis.asyncio.connection.AbstractConnection):
             raise redis.exceptions.ConnectionError("connection closed while reading") from exc
 
 
-class _TCPConnection(
-    _HiredisPacking, DirectExchange, _ClosedUnderUs, redis.asyncio.connection.Connection
-):
+class _TCPConnection(_ClosedUnderUs, redis.asyncio.connection.Connection):
     pass
 
 
-class _TLSConnection(
-    _HiredisPacking, DirectExchange, _ClosedUnderUs, redis.asyncio.connection.SSLConnection
-):
+class _TLSConnection(_ClosedUnderUs, redis.asyncio.connection.SSLConnection):
     pass
 
 
-class _UnixConnection(
-    _HiredisPacking,
-    DirectExchange,
-    _ClosedUnderUs,
-    redis.asyncio.connection.UnixDomainSocketConnection,
-):
+class _UnixConnection(_ClosedUnderUs, redis.asyncio.connection.UnixDomainSocketConnection):
     pass
 
 
-_PACKING: dict[str, type[redis.asyncio.connection.AbstractConnection]] = {
-    "redis": _TCPConnection,
-    "rediss": _TLSConnection,
-    "unix": _UnixConnection,
-}
-"""The connection class of each plain scheme."""
+class _FastTCPConnection(HiredisPacking, DirectExchange, _TCPConnection):
+    pass
+
+
+class _FastTLSConnection(HiredisPacking, DirectExchange, _TLSConnection):
+    pass
+
+
+class _FastUnixConnection(HiredisPacking, DirectExchange, _UnixConnection):
+    pass
+
+
+CONNECTION_CLASSES: Final[dict[str, type[redis.asyncio.connection.AbstractConnection]]] = (
+    {"redis": _FastTCPConnection, "rediss": _FastTLSConnection, "unix": _FastUnixConnection}
+    if fast_path_enabled
+    else {"redis": _TCPConnection, "rediss": _TLSConnection, "unix": _UnixConnection}
+)
+"""The connection class of each plain scheme: with the fast path (:mod:`streamstore._fastpath`)
+when it is enabled, else redis-py's own with streamstore's repairs."""

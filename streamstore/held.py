@@ -8,7 +8,7 @@ A path that sends one exchange at a time (the coalescer's direct publish, its le
 pipeline) can instead keep one connection and write to it directly: same connection class,
 same packing and timeouts, without the checkout. The connections streamstore makes
 (:func:`streamstore.connection.connect`) also skip redis-py's reply machinery: they write and
-read their streams directly (:class:`~streamstore.connection.DirectExchange`).
+read their streams directly (:func:`streamstore._fastpath.exchange`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis.exceptions
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.typing import EncodableT
 
-from streamstore.connection import DirectExchange
+from streamstore._fastpath import exchange
 
 __all__ = ["HeldConnection", "held_connection"]
 
@@ -68,17 +67,7 @@ class HeldConnection:
             batch = commands if sends == 0 or resend is None else resend()
             sends += 1
             try:
-                if isinstance(connection, DirectExchange):
-                    packed = b"".join(connection.pack_commands(batch))
-                    return await connection.exchange(packed, len(batch))
-                await connection.send_packed_command(connection.pack_commands(batch))
-                replies: list[Any] = []
-                for _ in batch:
-                    try:
-                        replies.append(await connection.read_response())
-                    except redis.exceptions.ResponseError as refused:
-                        replies.append(refused)
-                return replies
+                return await exchange(connection, batch)
             except BaseException:
                 await connection.disconnect(nowait=True)
                 raise

@@ -32,7 +32,7 @@ from streamstore import (
     Sweeper,
     SweeperSettings,
 )
-from streamstore.connection import _TCPConnection, _TLSConnection, connect, redact_url
+from streamstore.connection import CONNECTION_CLASSES, connect, redact_url
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import ConnectionLostError, StreamStoreError
 from streamstore.server_check import _describe
@@ -212,12 +212,13 @@ def test_cluster_urls() -> None:
     ]
     kwargs = client.get_connection_kwargs()
     assert (kwargs["username"], kwargs["password"]) == ("u", "p@ss")
-    assert kwargs["connection_class"] is _TCPConnection  # hiredis packing on every node
-    assert all(n.connection_class is _TCPConnection for n in client.startup_nodes)
+    tcp = CONNECTION_CLASSES["redis"]  # hiredis packing on every node, on the fast path
+    assert kwargs["connection_class"] is tcp
+    assert all(n.connection_class is tcp for n in client.startup_nodes)
     tls = connect("rediss+cluster://10.0.0.1:7001/0", settings)
     assert isinstance(tls, RedisCluster)
     tls_kwargs = tls.get_connection_kwargs()
-    assert tls_kwargs["connection_class"] is _TLSConnection
+    assert tls_kwargs["connection_class"] is CONNECTION_CLASSES["rediss"]
     assert (tls_kwargs["ssl_cert_reqs"], tls_kwargs["ssl_check_hostname"]) == ("required", True)
     assert redact_url("redis+cluster://u:secret@h1:1,h2:2/0") == "redis+cluster://u:***@h1:1,h2:2/0"
 
@@ -304,7 +305,7 @@ async def test_tls_cluster_verifies_and_carries_everything(
         assert isinstance(store.client, RedisCluster)
         connections = [c for node in store.client.get_nodes() for c in node._connections]
         assert connections
-        assert all(type(c) is _TLSConnection for c in connections)
+        assert all(type(c) is CONNECTION_CLASSES["rediss"] for c in connections)
     with pytest.raises(ConnectionLostError, match=r"not trusted.*tls_ca_file"):
         async with StreamStore.open(settings=settings.replace(tls_ca_file=None)):
             pass

@@ -12,8 +12,9 @@ import redis.asyncio
 import redis.exceptions
 from redis.asyncio.connection import Connection
 
-from streamstore import Message, Settings, StreamId, StreamStore
-from streamstore.connection import DirectExchange, _TCPConnection
+from streamstore import Message, Settings, StreamId, StreamStore, _fastpath
+from streamstore._fastpath import DirectExchange, HiredisPacking
+from streamstore.connection import CONNECTION_CLASSES
 from streamstore.embedded import EmbeddedServer
 from streamstore.held import HeldConnection
 
@@ -28,13 +29,41 @@ from streamstore.held import HeldConnection
     ],
 )
 def test_hiredis_packing_matches_redis_py(command: tuple[object, ...]) -> None:
-    ours = b"".join(_TCPConnection().pack_command(*command))
+    class Packing(HiredisPacking, Connection):
+        pass
+
+    ours = b"".join(Packing().pack_command(*command))
     theirs = b"".join(Connection().pack_command(*command))
     assert ours == theirs
     both = [command, command]
-    assert b"".join(_TCPConnection().pack_commands(both)) == b"".join(
-        Connection().pack_commands(both)
-    )
+    assert b"".join(Packing().pack_commands(both)) == b"".join(Connection().pack_commands(both))
+
+
+@pytest.mark.parametrize(
+    ("version", "switch", "enabled"),
+    [
+        ("8.1.0", None, True),
+        ("8.2.0", "on", True),
+        ("8.2.3", "off", False),
+        ("8.3.0", None, False),
+        ("7.4.2", None, False),
+        ("9.0.0b1", None, False),
+        ("8.2.0", "0", False),
+    ],
+)
+def test_fast_path_only_with_the_tested_redis_py(
+    version: str, switch: str | None, enabled: bool
+) -> None:
+    assert _fastpath._enabled(version, switch) is enabled
+
+
+def test_connections_take_the_path_chosen_at_import() -> None:
+    """``STREAMSTORE_FAST_PATH=off`` (``make test`` runs the publish and replay tests so too)
+    gives redis-py's own connection classes; otherwise hiredis packing and direct exchange."""
+    for connection_class in CONNECTION_CLASSES.values():
+        fast = issubclass(connection_class, DirectExchange)
+        assert fast is _fastpath.ENABLED
+        assert issubclass(connection_class, HiredisPacking) is fast
 
 
 async def test_calls_after_a_server_restart_are_retried_on_a_new_connection(
@@ -101,7 +130,7 @@ async def test_a_held_exchange_answers_each_command_in_place(store: StreamStore)
             ]
         )
         connection = held._connection
-        assert isinstance(connection, DirectExchange)
+        assert isinstance(connection, DirectExchange) is _fastpath.ENABLED
         assert replies[0] == 1
         assert isinstance(replies[1], redis.exceptions.NoScriptError)
         assert replies[2] == [b"v", None]
