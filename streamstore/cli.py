@@ -1,7 +1,9 @@
 """The ``streamstore`` command (also ``python -m streamstore``): a thin layer over the public API.
 
+Global options (``--redis-url``, ``--json``, ``-v`` ...) go before or after the command.
 Exit status: 0 ok, 1 a streamstore error (one line on stderr), 2 bad usage, 3 ``check`` found
-the deployment unhealthy, 130 interrupted, 141 the output pipe was closed.
+the deployment unhealthy, 70 an unexpected error, that is a bug (one line on stderr; ``-v``
+logs the traceback), 130 interrupted, 141 the output pipe was closed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import importlib.metadata
 import logging
 import os
 import signal
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import orjson
 
-from streamstore.cli_types import positive_int
+from streamstore.cli_types import positive_float, positive_int
 from streamstore.config import PersisterSettings, Settings, SweeperSettings
 from streamstore.connection import redact_url
 from streamstore.embedded import EmbeddedServer
@@ -49,6 +52,7 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNHEALTHY: Final = 3
+EXIT_SOFTWARE: Final = 70  # sysexits.h EX_SOFTWARE: an exception the CLI did not expect
 EXIT_INTERRUPTED: Final = 130
 EXIT_PIPE_CLOSED: Final = 141
 
@@ -58,7 +62,7 @@ _EPILOG = """\
 examples:
   streamstore server --data-dir ./redis-data    # a private server in the foreground; prints URL
   export STREAMSTORE_REDIS_URL=redis://127.0.0.1:6379/0
-  streamstore worker --consumer worker-1 --metrics-port 9464
+  streamstore worker --consumer worker-1 --metrics-port 9108
   streamstore sessions create --id support-42 --participant alice --participant bot
   streamstore publish support-42 --sender alice --recipient bot "where is my parcel?"
   echo "a longer text" | streamstore publish support-42 --sender alice -
@@ -67,18 +71,22 @@ examples:
   streamstore history support-42 --limit 20 --json
   streamstore stats
   streamstore check || echo "needs attention"
+  streamstore sessions delete support-42 --yes     # asks first on a terminal
 
 Without --redis-url (or $STREAMSTORE_REDIS_URL) a command starts a private embedded server
 whose data lives beside the history file (./streamstore.db-redis). Only one process at a time
 can use it: to run a worker and other commands together, start `streamstore server` and pass
 its URL.
 
+Global options go before or after the command (`streamstore stats --json -v`).
+
 Messages print as `<stream id> <sender> -> <recipient or *>: <content>` (newlines in content
 shown as \\n). With --json every message, session or dead letter is one JSON object per line;
 stats and check print one object.
 
 exit status: 0 ok, 1 a streamstore error (one line on stderr), 2 bad usage,
-3 `check` found the deployment unhealthy, 130 interrupted, 141 output pipe closed.
+3 `check` found the deployment unhealthy, 70 an unexpected error: a bug (one line on
+stderr; -v shows the traceback), 130 interrupted, 141 output pipe closed.
 """
 
 _CHECK_EPILOG = """\
@@ -100,38 +108,21 @@ def _parser() -> argparse.ArgumentParser:
         description="A durable, replayable message bus for multi-agent chat on Redis Streams.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(after_command=False)],
     )
-    parser.add_argument(
-        "--redis-url",
-        metavar="URL",
-        help="redis://, rediss://, unix://, or redis+cluster://host:port[,host:port...] for a "
-        "Redis Cluster (default: $STREAMSTORE_REDIS_URL, else a private embedded server)",
+    parser.add_argument("--version", action=_Version, help="print `streamstore <version>` and exit")
+    # Every command and action takes the global options too, defaults suppressed: a value
+    # given before the command is kept unless it is given again after it.
+    after = _global_options(after_command=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of:"
     )
-    parser.add_argument(
-        "--history-url",
-        metavar="URL",
-        help="sqlite:///path.db, postgresql://user@host/db or memory:// (default: "
-        "$STREAMSTORE_HISTORY_URL, else sqlite:///streamstore.db)",
-    )
-    parser.add_argument("--key-prefix", metavar="PREFIX", help="Redis key prefix (default: ss)")
-    parser.add_argument(
-        "--partitions",
-        type=positive_int,
-        metavar="N",
-        help="partition feeds; the same in every process of a deployment (default: 16)",
-    )
-    parser.add_argument(
-        "--json", dest="as_json", action="store_true", help="print data as JSON lines"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
         name: str,
         summary: str,
         run: Command | None = None,
         *,
-        data: bool = False,
         epilog: str | None = None,
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(
@@ -140,14 +131,30 @@ def _parser() -> argparse.ArgumentParser:
             description=_sentence(summary),
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[after],
         )
-        sub.set_defaults(run=run, service=False)
-        if data:
-            _add_json(sub)
+        sub.set_defaults(run=run, service=False, confirm=None)
         return sub
 
+    def actions(
+        sub: argparse.ArgumentParser,
+    ) -> Callable[[str, str, Command], argparse.ArgumentParser]:
+        """``add(name, summary, run)`` for the actions of ``sessions`` or ``dead-letters``."""
+        group = sub.add_subparsers(dest="action", required=True, metavar="ACTION", help="one of:")
+
+        def add(name: str, summary: str, run: Command) -> argparse.ArgumentParser:
+            action = group.add_parser(
+                name, help=summary, description=_sentence(summary), parents=[after]
+            )
+            action.set_defaults(run=run)
+            return action
+
+        return add
+
     demo = command("demo", "agents chatting on a few sessions, persisted and replayed", _demo)
-    demo.add_argument("--sessions", type=positive_int, default=3, metavar="N", help="default: 3")
+    demo.add_argument(
+        "--sessions", type=positive_int, default=3, metavar="N", help="sessions (default: 3)"
+    )
 
     worker = command("worker", "persist and sweep until SIGTERM or Ctrl-C", _worker)
     worker.set_defaults(service=True)
@@ -162,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--claim-idle",
-        type=float,
+        type=positive_float,
         metavar="SECONDS",
         help="take over entries another worker left pending this long (default: 30)",
     )
@@ -170,10 +177,14 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_port,
         metavar="PORT",
-        help="serve /healthz and Prometheus /metrics on this port (0: any free port; default: off)",
+        help="serve /healthz and Prometheus /metrics on this port, usually 9108 "
+        "(0: any free port; default: off)",
     )
     worker.add_argument(
-        "--metrics-host", default="127.0.0.1", metavar="HOST", help="default: 127.0.0.1"
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the metrics server (default: 127.0.0.1)",
     )
 
     server = command("server", "run a private embedded server in the foreground", _server)
@@ -183,47 +194,47 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", metavar="DIR", help="data directory (default: a temporary one)"
     )
 
-    publish = command("publish", "publish one message; prints its stream id", _publish, data=True)
-    publish.add_argument("session", metavar="SESSION")
+    publish = command("publish", "publish one message; prints its stream id", _publish)
+    publish.add_argument("session", metavar="SESSION", help="the session's id")
     publish.add_argument("content", metavar="CONTENT", help="the text, or - to read stdin")
-    publish.add_argument("--sender", required=True, metavar="NAME")
-    publish.add_argument("--recipient", metavar="NAME", help="default: everyone")
+    publish.add_argument("--sender", required=True, metavar="NAME", help="who sends it")
+    publish.add_argument("--recipient", metavar="NAME", help="who it is for (default: everyone)")
     publish.add_argument(
         "--id", metavar="ID", help="idempotency key: a retry with it is stored once"
     )
     publish.add_argument("--metadata", type=_json_object, metavar="JSON", help="a JSON object")
 
-    tail = command("tail", "print live messages until the session closes", _tail, data=True)
-    tail.add_argument("session", metavar="SESSION")
+    tail = command("tail", "print live messages until the session closes", _tail)
+    tail.add_argument("session", metavar="SESSION", help="the session's id")
     tail.add_argument(
         "--recipient", metavar="NAME", help="only messages for NAME (or for everyone)"
     )
 
-    replay = command(
-        "replay", "print a session from history, then Redis, in order", _replay, data=True
-    )
-    replay.add_argument("session", metavar="SESSION")
+    replay = command("replay", "print a session from history, then Redis, in order", _replay)
+    replay.add_argument("session", metavar="SESSION", help="the session's id")
     replay.add_argument("--after", metavar="ID", help="start after this stream id")
     replay.add_argument("--follow", action="store_true", help="then go on with live messages")
     replay.add_argument(
         "--recipient", metavar="NAME", help="only messages for NAME (or for everyone)"
     )
 
-    history = command("history", "print a window of a session's messages", _history, data=True)
-    history.add_argument("session", metavar="SESSION")
-    history.add_argument("--limit", type=positive_int, default=50, metavar="N", help="default: 50")
+    history = command("history", "print a window of a session's messages", _history)
+    history.add_argument("session", metavar="SESSION", help="the session's id")
+    history.add_argument(
+        "--limit", type=positive_int, default=50, metavar="N", help="messages (default: 50)"
+    )
     window = history.add_mutually_exclusive_group()
     window.add_argument("--before", metavar="ID", help="the last N before this stream id")
     window.add_argument("--after", metavar="ID", help="the first N after this stream id")
 
-    sessions = command("sessions", "list, show, create, close or delete sessions")
-    action = functools.partial(_action, sessions.add_subparsers(**_ACTIONS))
+    action = actions(command("sessions", "list, show, create, close or delete sessions"))
     listing = action("list", "sessions ordered by id, live and in history", _sessions_list)
     listing.add_argument("--after", metavar="ID", help="the page after this session id")
     listing.add_argument(
-        "--limit", type=positive_int, default=100, metavar="N", help="default: 100"
+        "--limit", type=positive_int, default=100, metavar="N", help="sessions (default: 100)"
     )
-    action("show", "one session in detail", _sessions_show).add_argument("id", metavar="ID")
+    show = action("show", "one session in detail", _sessions_show)
+    show.add_argument("id", metavar="ID", help="the session's id")
     create = action("create", "create a session; prints its id", _sessions_create)
     create.add_argument("--id", metavar="ID", help="default: a new time-ordered id")
     create.add_argument(
@@ -243,17 +254,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--metadata", type=_json_object, metavar="JSON", help="a JSON object")
     close = action("close", "refuse new messages; keep the session readable", _sessions_close)
-    close.add_argument("id", metavar="ID")
+    close.add_argument("id", metavar="ID", help="the session's id")
     delete = action("delete", "delete a session in Redis and in history", _sessions_delete)
-    delete.add_argument("id", metavar="ID")
+    delete.set_defaults(confirm=_confirm_delete)
+    delete.add_argument("id", metavar="ID", help="the session's id")
+    delete.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="do not ask (needed when stdin is not a terminal)",
+    )
 
-    command("stats", "feeds, lag, sessions, dead letters and server memory", _stats, data=True)
+    command("stats", "feeds, lag, sessions, dead letters and server memory", _stats)
     check = command(
-        "check",
-        "exit 0 if the deployment is healthy, 3 if not",
-        _check,
-        data=True,
-        epilog=_CHECK_EPILOG,
+        "check", "exit 0 if the deployment is healthy, 3 if not", _check, epilog=_CHECK_EPILOG
     )
     check.add_argument(
         "--acknowledge-data-loss",
@@ -261,11 +275,12 @@ def _parser() -> argparse.ArgumentParser:
         help="clear the record of a past loss of the server's data (after reviewing it)",
     )
 
-    dead = command("dead-letters", "list or requeue entries the persister could not store")
-    action = functools.partial(_action, dead.add_subparsers(**_ACTIONS))
+    action = actions(
+        command("dead-letters", "list or requeue entries the persister could not store")
+    )
     dead_list = action("list", "the oldest dead letters and their reasons", _dead_letters_list)
     dead_list.add_argument(
-        "--limit", type=positive_int, default=100, metavar="N", help="default: 100"
+        "--limit", type=positive_int, default=100, metavar="N", help="dead letters (default: 100)"
     )
     requeue = action(
         "requeue", "put one back on its feed, once its cause is fixed", _dead_letters_requeue
@@ -284,31 +299,84 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ACTIONS: Final[dict[str, Any]] = {"dest": "action", "required": True, "metavar": "ACTION"}
+def _global_options(*, after_command: bool) -> argparse.ArgumentParser:
+    """The options every command shares, as a parent parser.
 
-
-def _action(
-    actions: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    summary: str,
-    run: Command,
-) -> argparse.ArgumentParser:
-    """An action of ``sessions`` or ``dead-letters``; each prints data, so each takes --json."""
-    sub = actions.add_parser(name, help=summary, description=_sentence(summary))
-    sub.set_defaults(run=run)
-    _add_json(sub)
-    return sub
-
-
-def _add_json(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: without the option here, the global --json keeps its value.
-    parser.add_argument(
+    ``after_command``: the copy for the commands' own parsers, whose defaults are suppressed
+    so that it sets only what is given after the command.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    options = parent.add_argument_group("global options (before or after the command)")
+    none: Any = argparse.SUPPRESS if after_command else None
+    false: Any = argparse.SUPPRESS if after_command else False
+    options.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=none,
+        help="redis://, rediss://, unix://, or redis+cluster://host:port[,host:port...] for a "
+        "Redis Cluster (default: $STREAMSTORE_REDIS_URL, else a private embedded server)",
+    )
+    options.add_argument(
+        "--history-url",
+        metavar="URL",
+        default=none,
+        help="sqlite:///path.db, postgresql://user@host/db or memory:// (default: "
+        "$STREAMSTORE_HISTORY_URL, else sqlite:///streamstore.db)",
+    )
+    options.add_argument(
+        "--key-prefix", metavar="PREFIX", default=none, help="Redis key prefix (default: ss)"
+    )
+    options.add_argument(
+        "--partitions",
+        type=positive_int,
+        metavar="N",
+        default=none,
+        help="partition feeds; the same in every process of a deployment (default: 16)",
+    )
+    options.add_argument(
         "--json",
         dest="as_json",
         action="store_true",
-        default=argparse.SUPPRESS,
-        help="print JSON lines",
+        default=false,
+        help="print data as JSON lines",
     )
+    options.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=false,
+        help="debug logging on stderr, and the traceback of an unexpected error",
+    )
+    return parent
+
+
+class _Version(argparse.Action):
+    """``--version``: looks the version up only when asked (a scan of installed packages)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"streamstore {_version()}", flush=True)
+        parser.exit()
+
+
+def _version() -> str:
+    """The version of the installed distribution that provides the ``streamstore`` package,
+    whatever that distribution is called."""
+    names = importlib.metadata.packages_distributions().get(__package__ or "streamstore", [])
+    for name in dict.fromkeys([*names, "streamstore"]):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown (not installed)"
 
 
 def _sentence(summary: str) -> str:
@@ -598,6 +666,20 @@ async def _sessions_close(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _confirm_delete(args: argparse.Namespace) -> int | None:
+    """Ask on a terminal before ``sessions delete`` (unless ``--yes``); None: go on, else the
+    exit status. Run before the event loop, so that Ctrl-C at the prompt is a plain
+    KeyboardInterrupt."""
+    if args.yes:
+        return None
+    if not sys.stdin.isatty():
+        return _fail(f"not deleting session {args.id} without confirmation: pass --yes")
+    print(f"delete session {args.id} and its history? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() in ("y", "yes"):
+        return None
+    return _fail(f"session {args.id} not deleted")
+
+
 async def _sessions_delete(args: argparse.Namespace) -> int:
     async with _open(args) as store:
         await store.delete_session(args.id)
@@ -707,6 +789,8 @@ async def _dead_letters_list(args: argparse.Namespace) -> int:
         _emit(
             args, f"{dead.id} {dead.feed} {dead.entry_id}: {dead.reason}", _dead_letter_json(dead)
         )
+    if not dead_letters and not args.as_json:
+        print("no dead letters", flush=True)
     return EXIT_OK
 
 
@@ -760,10 +844,13 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``streamstore`` command; returns the exit status."""
+    """Entry point of the ``streamstore`` command; returns the exit status.
+
+    Whatever happens, a user sees one line on stderr, never a traceback (``-v`` logs it).
+    """
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     quiet = logging.INFO if args.service else logging.WARNING
     logging.basicConfig(
@@ -772,16 +859,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.confirm is not None and (refused := args.confirm(args)) is not None:
+            return int(refused)
         code: int = anyio.run(args.run if args.service else _interruptible, args)
-    except StreamStoreError as exc:
-        log.debug("%s failed", args.command, exc_info=True)
-        return _fail(_one_line(exc))
-    except KeyboardInterrupt:
+    except BaseException as exc:  # sorted by _exit_status; what is not an error goes on
+        return _exit_status(args, exc)
+    return code
+
+
+def _exit_status(args: argparse.Namespace, raised: BaseException) -> int:
+    """The exit status for what a command raised, after one line on stderr; re-raises
+    SystemExit and other non-errors."""
+    exc = raised
+    # A task group wraps what its tasks raise: one error inside is reported as that error.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the reader went away (`streamstore replay ID | head`)
+    if isinstance(exc, BrokenPipeError):  # the reader went away (`streamstore replay ID | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE_CLOSED
-    return code
+    if isinstance(exc, StreamStoreError):
+        log.debug("%s failed", args.command, exc_info=raised)
+        return _fail(_one_line(exc))
+    if isinstance(exc, Exception):  # a bug (ours or a library's): still no traceback
+        log.debug("%s failed unexpectedly", args.command, exc_info=raised)
+        print(
+            f"streamstore: unexpected {type(exc).__name__}: {_one_line(exc)} "
+            "(run with -v for details)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_SOFTWARE
+    raise raised
 
 
 if __name__ == "__main__":

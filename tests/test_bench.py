@@ -98,7 +98,7 @@ async def test_quick_bench_reports_every_figure_and_cleans_up(
     json_path = tmp_path / "bench.json"
     lines: list[str] = []
 
-    report = await run_bench(tiny_args("--json", str(json_path)), settings, lines.append)
+    report = await run_bench(tiny_args("--output", str(json_path)), settings, lines.append)
 
     assert_every_figure(report, FIGURES)
     assert (report.topology, report.history.split()[0]) == ("single node", "SQLite")

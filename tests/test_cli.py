@@ -3,8 +3,11 @@ against the test's server, history file and key prefix; exit codes and output ch
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.metadata
 import os
+import pty
 import re
 import signal
 import socket
@@ -12,7 +15,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +28,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import streamstore
 from streamstore import Persister, PersisterSettings, Settings, StreamStore
-from streamstore.cli import main
+from streamstore import cli as cli_module
+from streamstore.cli import _parser, main
 from streamstore.embedded import EmbeddedServer
+from streamstore.errors import ValidationError
 
 ROOT = Path(streamstore.__file__).resolve().parent.parent
 LINE = re.compile(r"^(\d+-\d+) (\S+) -> (\S+): (.*)$")
@@ -53,11 +58,9 @@ class Cli:
             "STREAMSTORE_SOCKET_TIMEOUT": str(settings.socket_timeout_s),
         }
 
-    def argv(self, *args: str, redis_url: str | None = None) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "streamstore",
+    def argv(self, *args: str, redis_url: str | None = None, after: bool = False) -> list[str]:
+        """The command line; ``after``: the global options after the command's arguments."""
+        options = [
             "--redis-url",
             redis_url or str(self.settings.redis_url),
             "--history-url",
@@ -66,8 +69,9 @@ class Cli:
             self.settings.key_prefix,
             "--partitions",
             str(self.settings.partitions),
-            *args,
         ]
+        command = [*args, *options] if after else [*options, *args]
+        return [sys.executable, "-m", "streamstore", *command]
 
     async def __call__(
         self,
@@ -75,10 +79,15 @@ class Cli:
         stdin: bytes | None = None,
         env: dict[str, str] | None = None,
         redis_url: str | None = None,
+        after: bool = False,
+        terminal: int | None = None,
     ) -> Result:
+        """Run to the end; stdin is ``stdin``, else the pseudo-terminal ``terminal``, else
+        /dev/null (never the terminal pytest may run in)."""
         done = await anyio.run_process(
-            self.argv(*args, redis_url=redis_url),
+            self.argv(*args, redis_url=redis_url, after=after),
             input=stdin,
+            stdin=None if stdin else subprocess.DEVNULL if terminal is None else terminal,
             check=False,
             cwd=self.cwd,
             env=self.env | (env or {}),
@@ -87,12 +96,12 @@ class Cli:
 
     @contextlib.asynccontextmanager
     async def start(
-        self, *args: str, log: Path, redis_url: str | None = None
+        self, *args: str, log: Path, redis_url: str | None = None, after: bool = False
     ) -> AsyncIterator[Process]:
         """A long-running command: stdout piped, stderr to ``log``; killed if still running."""
         with log.open("wb") as stderr:
             process = await anyio.open_process(
-                self.argv(*args, redis_url=redis_url),
+                self.argv(*args, redis_url=redis_url, after=after),
                 stdin=subprocess.DEVNULL,
                 stderr=stderr,
                 cwd=self.cwd,
@@ -133,7 +142,9 @@ async def wait_for_log(log: Path, pattern: str, process: Process, timeout: float
     return found.group(1)
 
 
-async def stop(process: Process, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+async def stop(
+    process: Process, signum: signal.Signals = signal.SIGTERM, timeout: float = 30.0
+) -> int:
     process.send_signal(signum)
     with anyio.fail_after(timeout):
         return await process.wait()
@@ -165,6 +176,9 @@ def test_help_has_examples_and_usage_errors_exit_2(capsys: pytest.CaptureFixture
     assert "examples:" in out
     assert "streamstore publish" in out
     assert "exit status" in out
+    assert "70 an unexpected error" in out
+    assert "--metrics-port 9108" in out
+    assert "9464" not in out
     assert main([]) == 2
     assert main(["publish", "s1", "--sender", "a", "--metadata", "[1]", "x"]) == 2
     assert main(["history", "s1", "--before", "1-0", "--after", "2-0"]) == 2
@@ -174,6 +188,176 @@ def test_help_has_examples_and_usage_errors_exit_2(capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert "expected a JSON object" in err
     assert "not allowed with argument" in err
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    (distribution, *_) = importlib.metadata.packages_distributions()["streamstore"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"streamstore {importlib.metadata.version(distribution)}\n"
+
+
+def test_every_option_and_positional_has_help() -> None:
+    def walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            yield path, action
+            if isinstance(action, argparse._SubParsersAction):
+                yield from ((path, choice) for choice in action._choices_actions)
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+
+    actions = list(walk(_parser(), "streamstore"))
+    assert len(actions) > 150  # every command and action, each with the global options
+    for path, action in actions:
+        assert action.help, (path, action.option_strings or action.dest)
+        assert action.help != argparse.SUPPRESS, (path, action.option_strings or action.dest)
+
+
+GLOBAL_OPTIONS = [
+    "--redis-url",
+    "redis://example:1/0",
+    "--history-url",
+    "memory://",
+    "--key-prefix",
+    "p",
+    "--partitions",
+    "7",
+    "--json",
+    "-v",
+]
+GIVEN = ("redis://example:1/0", "memory://", "p", 7, True, True)
+
+
+def _globals(args: argparse.Namespace) -> tuple[object, ...]:
+    return (
+        args.redis_url,
+        args.history_url,
+        args.key_prefix,
+        args.partitions,
+        args.as_json,
+        args.verbose,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["worker"],
+        ["stats"],
+        ["sessions", "list"],
+        ["sessions", "delete", "s1"],
+        ["dead-letters", "requeue", "1-0"],
+        ["bench", "--quick"],
+        ["publish", "s1", "--sender", "a", "hi"],
+    ],
+    ids=" ".join,
+)
+def test_global_options_go_before_or_after_the_command(command: list[str]) -> None:
+    parse = _parser().parse_args
+    assert _globals(parse(command)) == (None, None, None, None, False, False)
+    assert _globals(parse([*GLOBAL_OPTIONS, *command])) == GIVEN
+    assert _globals(parse([*command, *GLOBAL_OPTIONS])) == GIVEN
+    # Given twice, the later one counts; given before only, it is kept.
+    overridden = parse(
+        ["--key-prefix", "before", "--partitions", "3", *command, "--key-prefix", "x"]
+    )
+    assert (overridden.key_prefix, overridden.partitions) == ("x", 3)
+    if len(command) > 1 and command[0] in ("sessions", "dead-letters"):
+        between = parse([command[0], *GLOBAL_OPTIONS, *command[1:]])
+        assert _globals(between) == GIVEN
+    assert main([*command, "--partitions", "0"]) == 2
+
+
+def test_an_unexpected_error_is_one_line_and_exit_70(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken(args: argparse.Namespace) -> int:
+        raise RuntimeError("boom\nand the rest")
+
+    monkeypatch.setattr(cli_module, "_stats", broken)
+    assert main(["stats"]) == 70
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "streamstore: unexpected RuntimeError: boom (run with -v for details)\n"
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "err"),
+    [
+        (ExceptionGroup("tasks", [ValidationError("bad id")]), 1, "bad id"),
+        (
+            ExceptionGroup("tasks", [ExceptionGroup("inner", [TypeError("bad")])]),
+            70,
+            "unexpected TypeError: bad (run with -v for details)",
+        ),
+        (
+            ExceptionGroup("tasks", [ValueError("a"), ValueError("b")]),
+            70,
+            "unexpected ExceptionGroup: tasks (2 sub-exceptions) (run with -v for details)",
+        ),
+        (KeyboardInterrupt(), 130, None),
+        (BaseExceptionGroup("tasks", [KeyboardInterrupt()]), 130, None),
+    ],
+    ids=["group of ours", "nested group", "two errors", "Ctrl-C", "Ctrl-C in a group"],
+)
+def test_what_a_command_raises_maps_to_one_exit_status(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: BaseException,
+    code: int,
+    err: str | None,
+) -> None:
+    async def failing(args: argparse.Namespace) -> int:
+        raise raised
+
+    monkeypatch.setattr(cli_module, "_stats", failing)
+    assert main(["stats"]) == code
+    assert capsys.readouterr().err == ("" if err is None else f"streamstore: {err}\n")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "command", "err"),
+    [
+        ("STREAMSTORE_PARTITIONS", "abc", "stats", "partitions: expected an integer, got 'abc'"),
+        ("STREAMSTORE_BLOCK", "x", "history", "block: expected seconds, got 'x'"),
+        (
+            "STREAMSTORE_PERSISTER_BATCH_SIZE",
+            "many",
+            "worker",
+            "batch_size: expected an integer, got 'many'",
+        ),
+    ],
+)
+def test_a_bad_setting_in_the_environment_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    variable: str,
+    value: str,
+    command: str,
+    err: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    argv = ["--redis-url", f"redis://127.0.0.1:{closed_port()}/0", command]
+    assert main([*argv, "s1"] if command == "history" else argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"streamstore: {err}\n"
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+
+
+async def test_a_malformed_redis_url_is_one_line_and_v_shows_the_traceback(cli: Cli) -> None:
+    bad = await cli("stats", redis_url="redis://127.0.0.1:abc/0")
+    assert bad.code in (1, 70), bad  # 70 (a ValueError) until connect() names it a bad setting
+    assert bad.out == ""
+    assert bad.err.startswith("streamstore: ")
+    assert bad.err.count("\n") == 1
+    assert "abc" in bad.err
+    verbose = await cli("stats", "-v", redis_url="redis://127.0.0.1:abc/0")
+    assert verbose.code == bad.code
+    assert "Traceback (most recent call last)" in verbose.err
+    assert verbose.err.endswith(bad.err)
 
 
 # -- sessions, publish and reads ----------------------------------------------------------
@@ -260,8 +444,61 @@ async def test_sessions_publish_history_and_replay(cli: Cli, raw: redis.asyncio.
     assert closed.out.startswith("chat-1 closed ")
     refused = await cli("publish", "chat-1", "--sender", "alice", "late")
     assert refused == Result(1, "", "streamstore: session 'chat-1' is closed\n")
-    deleted = await cli("sessions", "delete", "chat-2", "--json")
+    deleted = await cli("sessions", "delete", "chat-2", "--json", "--yes")
     assert orjson.loads(deleted.out) == {"id": "chat-2", "state": "deleted"}
+
+
+async def test_global_options_work_after_the_command(cli: Cli, raw: redis.asyncio.Redis) -> None:
+    created = await cli("sessions", "create", "--id", "late-1", "--participant", "a", after=True)
+    assert created == Result(0, "late-1\n", "")
+    published = await cli("publish", "late-1", "--sender", "a", "hello", "--json", after=True)
+    assert published.code == 0, published
+    assert orjson.loads(published.out)["content"] == "hello"
+    listed = await cli("sessions", "list", "--json", after=True)
+    assert [orjson.loads(line)["id"] for line in listed.out.splitlines()] == ["late-1"]
+    history = await cli("history", "late-1", after=True)
+    assert history.out.endswith(" a -> *: hello\n")
+    missing = await cli("dead-letters", "requeue", "1-0", after=True)
+    assert missing == Result(1, "", "streamstore: no dead letter 1-0\n")
+    stats = await cli("stats", "--json", after=True)
+    assert len(orjson.loads(stats.out)["partitions"]) == cli.settings.partitions
+
+
+async def test_sessions_delete_asks_first_on_a_terminal(cli: Cli, store: StreamStore) -> None:
+    session = await store.create_session(["a"])
+    refused = await cli("sessions", "delete", session.id)  # stdin is /dev/null
+    assert refused == Result(
+        1, "", f"streamstore: not deleting session {session.id} without confirmation: pass --yes\n"
+    )
+    for answer in ("n", "", "whatever"):
+        kept = await on_terminal(cli, answer, "sessions", "delete", session.id)
+        assert kept == Result(
+            1,
+            "",
+            f"delete session {session.id} and its history? [y/N] "
+            f"streamstore: session {session.id} not deleted\n",
+        )
+    assert (await store.get_session(session.id)).state == "active"
+
+    deleted = await on_terminal(cli, "Yes", "sessions", "delete", session.id)
+    assert (deleted.code, deleted.out) == (0, f"{session.id} deleted\n")
+    # The prompt ends without a newline: a log line (a server without AOF) may follow it.
+    assert deleted.err.startswith(f"delete session {session.id} and its history? [y/N] ")
+    other = await store.create_session(["a"])
+    assert await cli("sessions", "delete", "-y", other.id) == Result(0, f"{other.id} deleted\n", "")
+    assert (await store.get_session(session.id)).state == "deleted"
+    assert (await store.get_session(other.id)).state == "deleted"
+
+
+async def on_terminal(cli: Cli, answer: str, *args: str) -> Result:
+    """Run with stdin a pseudo-terminal on which ``answer`` was typed."""
+    main_fd, terminal = pty.openpty()
+    try:
+        os.write(main_fd, f"{answer}\n".encode())
+        return await cli(*args, terminal=terminal)
+    finally:
+        os.close(terminal)
+        os.close(main_fd)
 
 
 async def test_streamstore_errors_are_one_line_and_exit_1(
@@ -370,7 +607,8 @@ async def test_check_healthy_and_dead_letters_warn_list_and_requeue(
     assert await cli("dead-letters", "requeue", dead["id"]) == Result(
         0, f"requeued {dead['id']}\n", ""
     )
-    assert (await cli("dead-letters", "list")).out == ""
+    assert (await cli("dead-letters", "list")).out == "no dead letters\n"
+    assert (await cli("dead-letters", "list", "--json")).out == ""
     missing = await cli("dead-letters", "requeue", dead["id"])
     assert missing == Result(1, "", f"streamstore: no dead letter {dead['id']}\n")
 
@@ -475,7 +713,7 @@ async def test_worker_exits_1_when_the_metrics_port_is_taken(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = await cli("worker", "--metrics-port", str(port))
+        result = await cli("worker", "--metrics-port", str(port), after=True)
     assert result.code == 1, result
     assert f"streamstore: cannot serve metrics on 127.0.0.1:{port}: " in result.err
     assert "Traceback" not in result.err

@@ -59,7 +59,7 @@ class Options:
             duration=args.duration or (QUICK_DURATION if quick else DEFAULT_DURATION),
             hold=args.hold,
             hold_rate=args.hold_rate,
-            json_path=None if args.json is None else Path(args.json),
+            json_path=None if args.output is None else Path(args.output),
         )
 
 
@@ -107,4 +107,5 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MSGS_PER_S",
         help=f"messages per second of --hold (default: {DEFAULT_HOLD_RATE:,.0f})",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+    # Not --json: that is the global option of every command (JSON lines on stdout).
+    parser.add_argument("--output", metavar="PATH", help="also write every figure to PATH as JSON")
