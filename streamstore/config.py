@@ -199,6 +199,11 @@ class PersisterSettings:
         claim_interval: how often to look for such entries.
         max_deliveries: deliveries before an entry that fails to store is dead-lettered.
         retry_backoff: first pause after an error (doubles up to 5 s).
+        unhealthy_after: once history writes have been failing for longer than this, the
+            worker's ``/healthz`` answers 503 and its entry in the deployment's workers hash
+            (read by ``streamstore check``) says so; healthy again after the next successful
+            commit. Failing writes are retried all along. Environment:
+            ``STREAMSTORE_PERSISTER_UNHEALTHY_AFTER`` (seconds).
     """
 
     consumer: str = field(default_factory=default_consumer_name)
@@ -207,9 +212,10 @@ class PersisterSettings:
     claim_interval: Duration = 5.0
     max_deliveries: int = 5
     retry_backoff: Duration = 0.1
+    unhealthy_after: Duration = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("claim_idle", "claim_interval", "retry_backoff"):
+        for name in ("claim_idle", "claim_interval", "retry_backoff", "unhealthy_after"):
             object.__setattr__(self, name, _seconds(name, getattr(self, name)))
         _positive_int("batch_size", self.batch_size)
         _positive_int("max_deliveries", self.max_deliveries)
@@ -227,6 +233,10 @@ class PersisterSettings:
     @property
     def retry_backoff_s(self) -> float:
         return _as_seconds(self.retry_backoff)
+
+    @property
+    def unhealthy_after_s(self) -> float:
+        return _as_seconds(self.unhealthy_after)
 
     @classmethod
     def from_env(

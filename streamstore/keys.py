@@ -94,6 +94,11 @@ class Keyspace:
         return f"{self.prefix}:deployment"
 
     @property
+    def workers(self) -> str:
+        """Hash ``consumer -> JSON status`` of running persisters (streamstore.health)."""
+        return f"{self.prefix}:workers"
+
+    @property
     def pattern(self) -> str:
         """A SCAN pattern matching every key of this deployment (for tests and clean-up)."""
         return f"{self.prefix}:*"

@@ -1,5 +1,10 @@
 """The worker's health and Prometheus metrics, served over HTTP by ``streamstore worker
 --metrics-port``: ``/healthz`` (200 or 503, JSON reasons) and ``/metrics`` (a registry of its own).
+
+``/metrics`` carries no ``*_created`` series: prometheus_client (0.26) can only turn them off
+process-wide (``disable_created_metrics``; no per-registry switch), which :class:`WorkerMetrics`
+does when it is built. They are one timestamp series per counter and histogram, which
+Prometheus stores as a sample like any other and our dashboards never read.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ import anyio
 import orjson
 from anyio.abc import Listener, SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -61,6 +72,9 @@ class WorkerMetrics(Collector):
     """
 
     def __init__(self, store: StreamStore, consumer: str) -> None:
+        # Process-wide (see the module docstring); read at scrape time, so calling it here
+        # also covers metrics made before.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in 0.26
         self._store = store
         self._consumer = consumer
         self._persister: Persister | None = None
@@ -156,10 +170,15 @@ class WorkerMetrics(Collector):
             await self._listener.serve(self._handle)
 
     async def health(self) -> tuple[bool, dict[str, object]]:
-        """Whether the persister loop runs and Redis answers, with the reasons if not."""
+        """Whether the persister loop runs, its history writes succeed (or have failed for no
+        longer than ``unhealthy_after``) and Redis answers, with the reasons if not."""
         reasons = []
         if not self._persister_running:
             reasons.append("the persister loop is not running")
+        persister = self._persister
+        history_problem = None if persister is None else persister.history_problem()
+        if history_problem is not None:
+            reasons.append(history_problem)
         try:
             with anyio.fail_after(PING_TIMEOUT), translate_redis_errors():
                 await self._store.client.ping()
@@ -172,6 +191,10 @@ class WorkerMetrics(Collector):
             "consumer": self._consumer,
             "persister_running": self._persister_running,
             "redis": redis_ok,
+            "history": {
+                "failing_since": None if persister is None else persister.failing_since,
+                "reason": None if persister is None else persister.failure_reason,
+            },
             "reasons": reasons,
         }
         return not reasons, body

@@ -13,6 +13,11 @@ others waiting, so there each feed is read without blocking, all in one pipeline
 trip per node, the nodes in parallel), and when every feed is empty the persister pauses
 :data:`CLUSTER_IDLE_POLL` before reading again: that bounds the added latency, and an idle
 worker costs each node a few cheap reads per pause.
+
+While running, a persister keeps its entry in the deployment's workers hash
+(:mod:`streamstore.health`): since when its history writes have been failing and why, rewritten
+when that changes and every :data:`~streamstore.health.STATUS_INTERVAL`, removed on a graceful
+stop, so ``streamstore check`` in another process sees a worker stuck on its history.
 """
 
 from __future__ import annotations
@@ -42,10 +47,13 @@ from streamstore.errors import (
     HistoryCorruptError,
     HistoryError,
     HistoryUnavailableError,
+    PermissionDeniedError,
     ServerError,
+    StreamStoreError,
     first_error,
     translate_redis_errors,
 )
+from streamstore.health import STATUS_INTERVAL, encode_status
 from streamstore.history import HistoryStore
 from streamstore.keys import GROUP
 from streamstore.models import Message, Session, StreamId
@@ -61,6 +69,9 @@ COMMIT_DEADLINE = 30.0
 
 CLUSTER_IDLE_POLL = 0.05
 """On a cluster, the pause after a read found every feed empty (capped by ``block``)."""
+
+STATUS_TIMEOUT = 2.0
+"""How long a graceful stop waits to remove this persister's entry from the workers hash."""
 
 Raw = tuple[str, bytes, dict[bytes, bytes]]
 """A feed entry as read: (feed key, entry id, fields)."""
@@ -167,12 +178,40 @@ class Persister:
         self._failures: dict[bytes, tuple[float, int]] = {}  # entry id -> (first, count)
         self._last_success = 0.0
         self._epoch: bytes | str | None = None
+        # History health: since when writes have been failing (wall clock for reports,
+        # monotonic for the threshold) and the last error; None while they succeed.
+        self._failing_since: float | None = None
+        self._failing_since_monotonic = 0.0
+        self._failure_reason: str | None = None
+        self._reporting = False  # run() keeps the workers hash entry up to date
+        self._status_changed = False
+        self._status_due = 0.0  # time.monotonic() of the next periodic rewrite
         self.stats = PersisterStats()
 
     @property
     def consumer(self) -> str:
         """This persister's consumer name in the group."""
         return self._consumer
+
+    @property
+    def failing_since(self) -> float | None:
+        """Since when (wall clock) history writes have been failing; None while they succeed."""
+        return self._failing_since
+
+    @property
+    def failure_reason(self) -> str | None:
+        """The last history error while writes are failing; None while they succeed."""
+        return self._failure_reason
+
+    def history_problem(self) -> str | None:
+        """Why this persister is unhealthy: its history writes have been failing for longer
+        than ``unhealthy_after``; None otherwise (including shorter failures)."""
+        if self._failing_since is None:
+            return None
+        failing_for = time.monotonic() - self._failing_since_monotonic
+        if failing_for <= self._settings.unhealthy_after_s:
+            return None
+        return f"history writes have been failing for {failing_for:.0f} s: {self._failure_reason}"
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop after the batch in hand is committed and acknowledged."""
@@ -181,13 +220,19 @@ class Persister:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Persist until cancelled or :meth:`stop`; readiness is announced once groups exist.
 
-        A stop finishes the batch in hand (commit and acknowledgement) and returns; errors
-        from Redis or history are logged and retried with backoff; nothing is acknowledged
-        until it is committed.
+        A stop finishes the batch in hand (commit and acknowledgement), removes this
+        persister's entry from the workers hash and returns; errors from Redis or history are
+        logged and retried with backoff; nothing is acknowledged until it is committed.
         """
         await self._retrying(self._ensure_groups)
         task_status.started()
-        await self._loop()
+        self._reporting = True
+        try:
+            await self._loop()
+        finally:
+            self._reporting = False
+        with anyio.move_on_after(STATUS_TIMEOUT):
+            await self._remove_status()
 
     async def drain(self) -> PersisterStats:
         """Process everything in the feeds now (own pending, idle entries of dead consumers,
@@ -210,6 +255,7 @@ class Persister:
         recover = True
         next_claim = 0.0
         while not self._stopping:
+            await self._report_status_if_due()
             try:
                 if recover:
                     await self._reprocess_own_pending()
@@ -228,6 +274,7 @@ class Persister:
             except (ConnectionLostError, ServerError, HistoryError) as exc:
                 self.stats.errors += 1
                 log.warning("persister %s: %s; retrying in %.1f s", self._consumer, exc, backoff)
+                await self._report_status_if_due()
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 recover = True
@@ -462,7 +509,12 @@ class Persister:
         try:
             with anyio.move_on_after(COMMIT_DEADLINE, shield=True):
                 started = time.perf_counter()
-                new = await self._history.write_batch(batch.messages, batch.sessions)
+                try:
+                    new = await self._history.write_batch(batch.messages, batch.sessions)
+                except HistoryError as exc:
+                    self._history_failed(exc)
+                    raise
+                self._history_succeeded()
                 self._last_success = time.monotonic()
                 seconds = time.perf_counter() - started
                 self.stats.commit_seconds += seconds
@@ -490,6 +542,73 @@ class Persister:
         self.stats.duplicates += len(batch.messages) - new
         self.stats.sessions += len(batch.sessions)
         log.debug("persister %s: committed %d entries, %d new", self._consumer, len(entries), new)
+        await self._report_status_if_due()
+
+    # -- health -------------------------------------------------------------------------------
+
+    def _history_failed(self, error: HistoryError) -> None:
+        """Note a failed history write: the first since the last success starts the clock."""
+        if self._failing_since is None:
+            self._failing_since = time.time()
+            self._failing_since_monotonic = time.monotonic()
+            self._status_changed = True
+        reason = str(error)[:500]
+        if reason != self._failure_reason:
+            self._failure_reason = reason
+            self._status_changed = True
+
+    def _history_succeeded(self) -> None:
+        """Note a committed history write: healthy again (a None check on the hot path)."""
+        if self._failing_since is not None:
+            log.info(
+                "persister %s: history writes succeed again after %.1f s",
+                self._consumer,
+                time.monotonic() - self._failing_since_monotonic,
+            )
+            self._failing_since = self._failure_reason = None
+            self._status_changed = True
+
+    async def _report_status_if_due(self) -> None:
+        """Rewrite this persister's entry in the workers hash when its state changed or
+        :data:`STATUS_INTERVAL` passed (under :meth:`run` only; one time check otherwise)."""
+        if not self._reporting:
+            return
+        if not self._status_changed and time.monotonic() < self._status_due:
+            return
+        self._status_changed = False
+        value = encode_status(
+            updated_at=time.time(),
+            failing_since=self._failing_since,
+            reason=self._failure_reason,
+        )
+        try:
+            with translate_redis_errors():
+                await self._client.hset(self._keys.workers, self._consumer, value)
+        except StreamStoreError as exc:  # Redis down, out of memory, refused: try next turn
+            log.debug("persister %s: status not written: %s", self._consumer, exc)
+            self._status_changed = True
+            return
+        self._status_due = time.monotonic() + STATUS_INTERVAL
+
+    async def _remove_status(self) -> None:
+        """HDEL this persister's entry (graceful stop); a refusal leaves it to go stale."""
+        try:
+            with translate_redis_errors():
+                await self._client.hdel(self._keys.workers, self._consumer)
+        except PermissionDeniedError:
+            log.info(
+                "persister %s: may not remove its entry from %s (the Redis user lacks HDEL "
+                "there); it will be reported stale",
+                self._consumer,
+                self._keys.workers,
+            )
+        except StreamStoreError as exc:
+            log.warning(
+                "persister %s: could not remove its entry from %s: %s",
+                self._consumer,
+                self._keys.workers,
+                exc,
+            )
 
     async def _count_failure(self, failed: _Decoded, error: HistoryError) -> None:
         feed, entry_id, _ = failed

@@ -20,6 +20,7 @@ from streamstore.errors import (
     ConfigurationError,
     HistoryCorruptError,
     HistoryError,
+    HistoryUnavailableError,
     ValidationError,
 )
 from streamstore.history import HistoryStore, RetentionResult, history_from_url
@@ -27,6 +28,7 @@ from streamstore.history import sqlite as sqlite_module
 from streamstore.history.memory import MemoryHistory
 from streamstore.history.sqlite import SCHEMA_VERSION, SQLiteHistory
 from streamstore.models import Message, Session, SessionState, StreamId, new_message_id
+from tests.faults.test_storage import read_only_files
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -1188,3 +1190,65 @@ def test_from_url_refuses(url: str) -> None:
 
 def test_memory_url() -> None:
     assert isinstance(history_from_url("memory://"), MemoryHistory)
+
+
+# -- connections reopened after errors that may leave them unusable ---------------------------
+
+
+async def test_a_store_opened_on_a_read_only_file_recovers_once_it_is_writable(
+    tmp_path: Path,
+) -> None:
+    """SQLite opens a file it may not write read-only, silently, and such a connection stays
+    read-only after the file is writable again: the store reopens its connections after an
+    error saying so, with the same file mode and PRAGMAs."""
+    db = tmp_path / "h.db"
+    url = sqlite_url(db, busy_timeout="1500", synchronous="normal")
+    async with opened(url) as store:
+        assert await store.write_batch([message("s", 1)]) == 1
+    with read_only_files(db) as writable:
+        async with opened(url) as store:
+            batch = [message("s", 2), message("s", 3)]
+            for _ in range(3):  # each failure reopens, read-only again while it lasts
+                with pytest.raises(HistoryUnavailableError, match="READONLY"):
+                    await store.write_batch(batch)
+            assert await store.count_messages() == 1  # reads go on meanwhile
+            writable()
+            assert await store.write_batch(batch) == 2  # on new connections: no restart
+            assert store.reopened >= 1
+            assert await store.count_messages() == 3
+            assert (store._pragma("synchronous"), store._pragma("busy_timeout")) == (1, 1500)
+            assert store._pragma("journal_mode") == "wal"
+            assert store._reader is not None
+            assert store._reader.execute("PRAGMA query_only").fetchone()[0] == 1
+            assert file_mode(db) == 0o600
+            assert await store.write_batch([*batch, message("s", 4)]) == 1  # no duplicates
+
+
+async def test_reads_and_writes_racing_a_reopen_all_land(tmp_path: Path) -> None:
+    """Concurrent callers while the connections are replaced: none fails for it, none sees a
+    closed connection, and every write lands once."""
+    db = tmp_path / "h.db"
+    async with opened(sqlite_url(db)) as store:
+        assert await store.write_batch([message("s", 1)]) == 1
+    with read_only_files(db) as writable:
+        async with opened(sqlite_url(db)) as store:
+            with pytest.raises(HistoryUnavailableError, match="READONLY"):
+                await store.write_batch([message("s", 2)])
+            writable()
+            written: list[int] = []
+            counted: list[int] = []
+
+            async def write(ms: int) -> None:
+                written.append(await store.write_batch([message("s", ms)]))
+
+            async def count() -> None:
+                counted.append(await store.count_messages())
+
+            async with anyio.create_task_group() as tg:
+                for ms in range(2, 22):
+                    tg.start_soon(write, ms)
+                    tg.start_soon(count)
+            assert store.reopened == 1
+            assert written == [1] * 20
+            assert len(counted) == 20
+            assert await store.count_messages() == 21

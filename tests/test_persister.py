@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio
 
 from streamstore import (
+    ConfigurationError,
     HistoryError,
     HistoryUnavailableError,
     Message,
@@ -444,3 +445,72 @@ async def test_history_failing_mid_drain_acknowledges_only_what_it_committed(
     stored = await history.read(session.id, limit=1000)
     assert [m.id for m in stored] == [m.id for m in published]
     assert (await raw.xpending(feed, GROUP))["pending"] == 0
+
+
+def health_of(persister: Persister) -> tuple[float | None, str | None, str | None]:
+    return persister.failing_since, persister.failure_reason, persister.history_problem()
+
+
+async def test_history_failures_are_tracked_published_and_cleared(
+    store: StreamStore, raw: redis.asyncio.Redis
+) -> None:
+    """While run() goes on, failing history writes start a clock (health after
+    ``unhealthy_after``) and reach the workers hash; the next commit clears both; a graceful
+    stop removes the entry."""
+    session = await store.create_session(["a"])
+    history = FailingHistory(fail_from=1)
+    await history.open()
+    settings = PersisterSettings(consumer="c1", retry_backoff=0.05, unhealthy_after=0.3)
+    persister = Persister(store, settings, history=history)
+    before = time.time()
+    async with anyio.create_task_group() as tg:
+        await tg.start(persister.run)
+        await store.publish_many(session.id, [{"sender": "a", "content": "x"}] * 5)
+        with anyio.fail_after(10):
+            while persister.failing_since is None:
+                await anyio.sleep(0.02)
+        assert before <= persister.failing_since <= time.time()
+        assert persister.failure_reason == "down"
+        assert persister.history_problem() is None  # not for longer than 0.3 s yet
+        with anyio.fail_after(10):
+            while (entry := await raw.hget(store.keys.workers, "c1")) is None:
+                await anyio.sleep(0.02)
+        status = orjson.loads(entry)
+        assert status["failing_since"] == persister.failing_since
+        assert status["reason"] == "down"
+        assert before <= status["updated_at"] <= time.time()
+        await anyio.sleep(0.4)
+        problem = persister.history_problem()
+        assert problem is not None
+        assert problem.startswith("history writes have been failing for ")
+        assert problem.endswith(": down")
+        history.fail_from = 1_000
+        with anyio.fail_after(10):
+            while await history.count_messages(session.id) < 5:
+                await anyio.sleep(0.02)
+        assert health_of(persister) == (None, None, None)
+        with anyio.fail_after(10):  # the recovery is written at once, not at the next refresh
+            while orjson.loads(await raw.hget(store.keys.workers, "c1") or b"{}")["failing_since"]:
+                await anyio.sleep(0.02)
+        persister.stop()
+    assert await raw.hget(store.keys.workers, "c1") is None
+
+
+async def test_drain_writes_no_status(store: StreamStore, raw: redis.asyncio.Redis) -> None:
+    session = await store.create_session(["a"])
+    await store.publish_many(session.id, [{"sender": "a", "content": "x"}] * 3)
+    history = FailingHistory(fail_from=1)
+    await history.open()
+    persister = Persister(store, PersisterSettings(consumer="c1"), history=history)
+    with pytest.raises(HistoryUnavailableError):
+        await persister.drain()
+    assert persister.failure_reason == "down"  # tracked all the same
+    assert not await raw.exists(store.keys.workers)
+
+
+def test_unhealthy_after_setting() -> None:
+    assert PersisterSettings().unhealthy_after_s == 30.0
+    env = {"STREAMSTORE_PERSISTER_UNHEALTHY_AFTER": "2.5"}
+    assert PersisterSettings.from_env(env).unhealthy_after_s == 2.5
+    with pytest.raises(ConfigurationError):
+        PersisterSettings(unhealthy_after=-1)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from streamstore import Settings
@@ -25,13 +27,18 @@ class Worker:
         crash_point: str | None = None,
         claim_idle: float = 30.0,
         batch_size: int = 200,
+        metrics: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``metrics``: serve /healthz and /metrics on a free port (see :meth:`metrics_url`);
+        ``env``: more ``STREAMSTORE_*`` variables for the worker."""
         self.log_path = log_dir / f"worker-{consumer}-{time.monotonic_ns()}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSTORE_")}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSTORE_")}
         if crash_point:
-            env[CRASH_POINT_ENV] = crash_point
-        env["STREAMSTORE_BLOCK"] = "0.2"
-        env["STREAMSTORE_PERSISTER_CLAIM_INTERVAL"] = "0.2"
+            environ[CRASH_POINT_ENV] = crash_point
+        environ["STREAMSTORE_BLOCK"] = "0.2"
+        environ["STREAMSTORE_PERSISTER_CLAIM_INTERVAL"] = "0.2"
+        environ.update(env or {})
         assert settings.redis_url is not None
         args = [
             sys.executable,
@@ -52,9 +59,10 @@ class Worker:
             str(claim_idle),
             "--batch-size",
             str(batch_size),
+            *(("--metrics-port", "0") if metrics else ()),
         ]
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)
+        self.process = subprocess.Popen(args, env=environ, stdout=self._log, stderr=self._log)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -67,6 +75,12 @@ class Worker:
             if time.monotonic() > deadline:
                 raise AssertionError(f"worker not ready in {timeout} s:\n{self.log()}")
             time.sleep(0.05)
+
+    def metrics_url(self) -> str:
+        """The worker's /healthz and /metrics endpoint (started with ``metrics=True``, ready)."""
+        found = re.search(r"worker ready .*metrics=(http\S+)", self.log())
+        assert found is not None, f"no metrics endpoint in the log:\n{self.log()}"
+        return found.group(1)
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         try:

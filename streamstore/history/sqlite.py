@@ -2,6 +2,8 @@
 
 sqlite3 is blocking, so every call runs in a worker thread: writes on one connection behind a
 one-slot limiter (SQLite allows one writer anyway), reads on a second connection behind its own.
+After an error that may have left a connection unusable (read-only, I/O error, cannot open), both
+are reopened before the next call.
 """
 
 from __future__ import annotations
@@ -300,6 +302,14 @@ class SQLiteHistory:
         self._write_slot: anyio.CapacityLimiter | None = None
         self._read_slot: anyio.CapacityLimiter | None = None
         self._threads: anyio.CapacityLimiter | None = None
+        # Set by a call that failed in a way that may have left the connections unusable: the
+        # next write (any failure) or read (a failed read) reopens both first (see _reopen).
+        # Reads alone do not reopen after a failed write: while the cause lasts (the file is
+        # read-only) a reopening gives connections as unusable, so it waits for the retry.
+        self._reopen_before_write = False
+        self._reopen_before_read = False
+        self.reopened = 0
+        """How many times the connections were reopened after an error (diagnostics, tests)."""
         self._retention_chunk = _RETENTION_CHUNK  # tests lower it to see several chunks
 
     @classmethod
@@ -386,6 +396,7 @@ class SQLiteHistory:
         with anyio.CancelScope(shield=True), _translate_errors(self._busy_timeout_ms):
             connections = await anyio.to_thread.run_sync(self._open_sync, limiter=self._threads)
         self._writer, self._reader = connections
+        self._reopen_before_write = self._reopen_before_read = False
 
     async def close(self) -> None:
         """Wait for the call in flight, then close both connections. Idempotent."""
@@ -572,19 +583,74 @@ class SQLiteHistory:
         return connection
 
     async def _run(self, write: bool, function: Callable[..., _T], *args: Any) -> _T:
-        connection = self._connection(write=write)
+        """Call ``function(connection, *args)`` in a worker thread on the writer or the reader,
+        behind that connection's slot, reopening both connections first when a previous call
+        left them suspect.
+
+        Raises:
+            HistoryError: not open or closed meanwhile, the reopening failed, or SQLite failed
+                (translated by :func:`_translate_errors`).
+        """
+        self._connection(write=write)  # not open: fail before waiting for anything
+        if self._reopen_before_write if write else self._reopen_before_read:
+            await self._reopen()
         slot = self._write_slot if write else self._read_slot
         assert slot is not None
         async with slot:  # waiting for the slot stays cancellable
-            if self._connection(write=write) is not connection:  # closed while we waited
-                raise HistoryError("the SQLite history was closed")
+            connection = self._connection(write=write)  # closed (or reopened) while we waited
             # Once the thread starts, the call (a commit, for a write) always finishes and its
             # result is returned; a cancellation is delivered at the caller's next checkpoint.
             with anyio.CancelScope(shield=True), _translate_errors(self._busy_timeout_ms):
-                result = await anyio.to_thread.run_sync(
-                    function, connection, *args, limiter=self._threads
-                )
+                try:
+                    result = await anyio.to_thread.run_sync(
+                        function, connection, *args, limiter=self._threads
+                    )
+                except sqlite3.Error as exc:
+                    if _error_code(exc) in _REOPEN_AFTER:
+                        self._reopen_before_write = True
+                        self._reopen_before_read = self._reopen_before_read or not write
+                    raise
         return result
+
+    async def _reopen(self) -> None:
+        """Replace both connections with new ones, opened as :meth:`open` opens them (file mode,
+        schema check, WAL, ``synchronous``, ``busy_timeout``, ``query_only`` on the reader).
+
+        SQLite keeps a connection it opened while the file was read-only read-only for good
+        (and may keep one that met an I/O error failing), so retrying on the same connections
+        would fail after the cause is gone; new connections see the file as it is now. Both
+        slots are held, in :meth:`close`'s order: no statement or transaction of either
+        connection is in flight. The new connections are opened before the old ones are
+        closed, so a reopening that fails (the file still read-only, or gone) leaves the store
+        as it was, to be tried again by the next call.
+
+        Raises:
+            HistoryError: closed meanwhile, or the file cannot be opened (translated).
+            HistoryCorruptError: the file is no longer a streamstore history.
+        """
+        assert self._write_slot is not None
+        assert self._read_slot is not None
+        async with self._write_slot, self._read_slot:
+            old_writer, old_reader = self._writer, self._reader
+            needed = self._reopen_before_write or self._reopen_before_read
+            if not needed or old_writer is None or old_reader is None:
+                return  # reopened by another call meanwhile, or closed
+            with anyio.CancelScope(shield=True):  # a cancelled reopen would leak connections
+                with _translate_errors(self._busy_timeout_ms):
+                    writer, reader = await anyio.to_thread.run_sync(
+                        self._open_sync, limiter=self._threads
+                    )
+                if self._writer is not old_writer:  # close() began meanwhile: it closes those
+                    await anyio.to_thread.run_sync(
+                        _close_all, writer, reader, limiter=self._threads
+                    )
+                    raise HistoryError("the SQLite history was closed")
+                self._writer, self._reader = writer, reader
+                self._reopen_before_write = self._reopen_before_read = False
+                self.reopened += 1
+                await anyio.to_thread.run_sync(
+                    _close_all, old_writer, old_reader, limiter=self._threads
+                )
 
     def _open_sync(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
         try:
@@ -1035,6 +1101,18 @@ def _close_all(*connections: sqlite3.Connection) -> None:
 # SQLite primary result codes (sqlite3.h).
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 5, 6, 11, 13, 26
 _SQLITE_NOMEM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 7, 8, 10, 14
+_REOPEN_AFTER: Final = frozenset(
+    {_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN, _SQLITE_NOMEM, _SQLITE_FULL}
+)
+"""Errors after which a connection may stay unusable even once the cause is gone: one opened
+while the file was read-only stays read-only (SQLITE_READONLY after a chmod back), a file
+descriptor may point at a file that was replaced. Reopening is cheap (a schema check), and
+harmless when the connection was fine after all."""
+
+
+def _error_code(exc: sqlite3.Error) -> int:
+    """The primary result code of a sqlite3 error (0 when it carries none)."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
 
 
 @contextlib.contextmanager
@@ -1047,7 +1125,7 @@ def _translate_errors(busy_timeout_ms: int) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        code = _error_code(exc)
         if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
             raise HistoryCorruptError(
                 f"the history database is damaged or is not a SQLite database: {exc}"

@@ -1,18 +1,26 @@
-"""The history store fails: locked by another process, out of space, corrupted."""
+"""The history store fails: locked by another process, out of space, read-only, corrupted."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
+import orjson
 import pytest
 import redis.asyncio
 
 from streamstore import Persister, PersisterSettings, Settings, StreamStore
+from streamstore.health import worker_health
 from streamstore.keys import GROUP
 from tests.faults.tally import Tally, record
 from tests.workers import Worker
@@ -138,3 +146,122 @@ async def test_corrupted_history_file_refuses_to_start(
     counts = tally("history file corrupted", "random bytes in the file", "file overwrite")
     counts.notes["worker exit code"] = code
     record(counts)
+
+
+@contextlib.contextmanager
+def read_only_files(*paths: Path) -> Iterator[Callable[[], None]]:
+    """Make ``paths`` read-only until the yielded function (or the exit) makes them writable
+    again: chmod 0444, or for root, whom file modes do not stop, the immutable flag (what a
+    read-only mount or a wrong owner does to a worker that is not root)."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", *map(str, paths)], check=False).returncode != 0:
+            subprocess.run(["chattr", "-i", *map(str, paths)], check=False)
+            pytest.skip("chattr +i is not available here (needed to stop root writing)")
+
+        def writable() -> None:
+            subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+
+    else:
+        for path in paths:
+            path.chmod(0o444)
+
+        def writable() -> None:
+            for path in paths:
+                path.chmod(0o600)
+
+    try:
+        yield writable
+    finally:
+        writable()
+
+
+def get_health(url: str) -> tuple[int, dict[str, object]]:
+    """GET a worker's /healthz: (status, JSON body)."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, orjson.loads(error.read())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["when the worker opens it", "while the worker persists"])
+async def test_history_read_only_then_writable_recovers_without_restart(
+    store: StreamStore,
+    settings: Settings,
+    raw: redis.asyncio.Redis,
+    tmp_path: Path,
+    tally: TallyFactory,
+    when: str,
+) -> None:
+    """SQLite opens a file it may not write read-only, silently, and that connection stays
+    read-only after the file is writable again: before the fix only a restart helped. (A
+    chmod of a file the worker already has open changes nothing: its descriptors stay
+    writable. The immutable flag on the file and its WAL stops writes through them too.)"""
+    counts = tally(
+        "history read-only",
+        f"the history file made read-only {when}, then writable",
+        "chmod 0444 (chattr +i as root)",
+    )
+    db = tmp_path / "history.db"
+    session = await store.create_session(["a"])
+    acknowledged = list(
+        await store.publish_many(session.id, [{"sender": "a", "content": "w"}] * 10)
+    )
+    worker_env = {"STREAMSTORE_PERSISTER_UNHEALTHY_AFTER": "1"}
+    with contextlib.ExitStack() as fault:
+        if when == "when the worker opens it":
+            writable = fault.enter_context(read_only_files(db))
+        worker = Worker(settings, tmp_path, "w1", batch_size=50, metrics=True, env=worker_env)
+        worker.wait_ready()
+        url = worker.metrics_url()
+        if when == "while the worker persists":
+            with anyio.fail_after(20):
+                while await store.history_store.count_messages(session.id) < len(acknowledged):
+                    await anyio.sleep(0.05)
+            writable = fault.enter_context(read_only_files(db, db.with_name("history.db-wal")))
+        persisted_before = await store.history_store.count_messages(session.id)
+        for i in range(20):
+            acknowledged += await store.publish_many(
+                session.id, [{"sender": "a", "content": f"{i}"}] * 25
+            )
+        statuses = []
+        with anyio.fail_after(30):
+            while True:  # /healthz turns 503 once writes have failed for unhealthy_after (1 s)
+                status, health = await anyio.to_thread.run_sync(get_health, url)
+                statuses.append(status)
+                if status == 503:
+                    break
+                await anyio.sleep(0.2)
+        reasons = health["reasons"]
+        assert isinstance(reasons, list)
+        assert any("history writes have been failing" in reason for reason in reasons), health
+        assert "READONLY" in str(health["history"]) or "IOERR" in str(health["history"]), health
+        with anyio.fail_after(15):  # the status the worker publishes for `streamstore check`
+            while (entry := await raw.hget(store.keys.workers, "w1")) is None or orjson.loads(
+                entry
+            )["failing_since"] is None:
+                await anyio.sleep(0.1)
+        judged = await worker_health(raw, store.keys, now=time.time() + 2, unhealthy_after=1)
+        assert [(w.consumer, w.healthy, w.stale) for w in judged] == [("w1", False, False)]
+        assert await store.history_store.count_messages(session.id) == persisted_before
+        assert await pending(raw, store) > 0  # read, not committed, so not acknowledged
+        started = time.monotonic()
+        writable()
+    with anyio.fail_after(60):
+        while await store.history_store.count_messages(session.id) < len(acknowledged):
+            await anyio.sleep(0.1)
+    counts.recovery_s = round(time.monotonic() - started, 2)
+    with anyio.fail_after(10):
+        while (status := (await anyio.to_thread.run_sync(get_health, url))[0]) != 200:
+            await anyio.sleep(0.1)
+    entry = await raw.hget(store.keys.workers, "w1")
+    assert entry is not None
+    assert orjson.loads(entry)["failing_since"] is None
+    assert worker.process.poll() is None  # never restarted
+    assert worker.terminate() == 0, worker.log()
+    assert await raw.hget(store.keys.workers, "w1") is None  # a graceful stop removes it
+    stored = await store.history_store.read(session.id, limit=10_000)
+    counts.notes["healthz polls before 503"] = len(statuses)
+    counts.count(acknowledged, stored).assert_exactly_once()
