@@ -28,8 +28,8 @@ import anyio.lowlevel
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from streamstore.connection import Client
-from streamstore.held import HeldConnection, held_connection
+from streamstore.held import HeldConnection
+from streamstore.topology import Topology
 
 __all__ = ["PublishBatch", "PublishCoalescer"]
 
@@ -84,23 +84,21 @@ class _Pending:
 class PublishCoalescer:
     """Runs publish.lua for many concurrent callers.
 
-    ``high_water`` and ``dedup_lifetime_ms`` are the script's per-deployment arguments;
-    ``by_partition`` splits merged calls per partition (a cluster's slots).
+    ``high_water`` and ``dedup_lifetime_ms`` are the script's per-deployment arguments.
     """
 
     def __init__(
         self,
-        client: Client,
+        topology: Topology,
         script: AsyncScript,
         *,
         high_water: int,
         dedup_lifetime_ms: int,
-        by_partition: bool,
     ) -> None:
-        self._client = client
+        self._client = topology.client
         self._script = script
         self._settings = (high_water, dedup_lifetime_ms)
-        self._by_partition = by_partition
+        self._by_partition = topology.merges_per_partition
         self._queue: deque[_Pending] = deque()
         self._busy = False  # a publish is in flight on its own
         self._leader = False
@@ -108,8 +106,8 @@ class PublishCoalescer:
         # The direct path and the leader may each have an exchange in flight: one held
         # connection each (on a cluster, whose calls go to several nodes, the pipeline
         # does the routing).
-        self._held_direct = held_connection(client)
-        self._held_leader = held_connection(client)
+        self._held_direct = topology.held()
+        self._held_leader = topology.held()
 
     async def publish(self, batch: PublishBatch) -> list[Any]:
         """Publish ``batch``; returns the script's answer for it: stream id and 1 (new) or 0

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.typing import EncodableT
 
 from streamstore._fastpath import exchange
 
-__all__ = ["HeldConnection", "held_connection"]
+__all__ = ["HeldConnection"]
 
 
 class HeldConnection:
@@ -82,9 +82,3 @@ class HeldConnection:
         connection, self._connection = self._connection, None
         if connection is not None:
             await self._pool.release(connection)
-
-
-def held_connection(client: Redis | RedisCluster) -> HeldConnection | None:
-    """A held connection of a single server's client; None for a cluster's, whose commands
-    go to the nodes owning their keys (its pipelines do the routing)."""
-    return HeldConnection(client) if isinstance(client, Redis) else None

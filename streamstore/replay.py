@@ -18,19 +18,15 @@ from typing import Any, TypeVar
 import anyio
 
 from streamstore.codec import F_DATA, decode_message
-from streamstore.config import Settings
-from streamstore.connection import Client, is_transient, routed
+from streamstore.connection import is_transient
+from streamstore.deployment import Deployment
 from streamstore.errors import (
     ConnectionLostError,
     CorruptEntryError,
     ServerError,
     translate_redis_errors,
 )
-from streamstore.held import held_connection
-from streamstore.history import HistoryStore
-from streamstore.keys import Keyspace
 from streamstore.models import STREAM_START, Message, SessionState, StreamId
-from streamstore.scripts import Scripts
 
 __all__ = ["SessionReader"]
 
@@ -49,19 +45,12 @@ HISTORY_PAGE = 2000
 class SessionReader:
     """Gapless reads of one session for ``replay``, ``subscribe`` and ``history``."""
 
-    def __init__(
-        self,
-        client: Client,
-        scripts: Scripts,
-        history: HistoryStore,
-        keys: Keyspace,
-        settings: Settings,
-    ) -> None:
-        self._client = client
-        self._scripts = scripts
-        self._history = history
-        self._keys = keys
-        self._settings = settings
+    def __init__(self, deployment: Deployment) -> None:
+        self._topology = deployment.topology
+        self._scripts = deployment.scripts
+        self._history = deployment.history
+        self._keys = deployment.keys
+        self._settings = deployment.settings
 
     async def follow(
         self, session_id: str, *, after: StreamId, follow: bool, history_page: int | None = None
@@ -159,7 +148,7 @@ class SessionReader:
         block_ms = max(1, int(self._settings.block_s * 1000))
         # A follower reads again and again: on one server it keeps a connection (a blocking
         # read holds one anyway) rather than check one out of the pool for every read.
-        held = held_connection(self._client)
+        held = self._topology.held()
 
         async def read() -> list[Any]:
             # Both keys are in one slot: on a cluster too, one round trip to one node.
@@ -168,8 +157,9 @@ class SessionReader:
             if held is not None:
                 replies = await held.exchange([xread, meta])
             else:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.execute_command(*xread, **routed(self._client, keys.stream))
+                client = self._topology.client
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(*xread, **self._topology.route(keys.stream))
                     pipe.execute_command(*meta)
                     replies = await pipe.execute(raise_on_error=False)
             for reply in replies:

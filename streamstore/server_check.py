@@ -15,15 +15,13 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import redis.asyncio.connection
 import redis.exceptions
-from redis.asyncio.cluster import RedisCluster
 
 from streamstore.config import Settings
-from streamstore.connection import DEFAULT_PORT, Client, connect_timeout
+from streamstore.connection import Client, connect_timeout
 from streamstore.errors import (
     BackpressureError,
     ConfigurationError,
@@ -36,6 +34,7 @@ from streamstore.errors import (
 )
 from streamstore.keys import GROUP, Keyspace
 from streamstore.scripts import Scripts
+from streamstore.topology import Topology, topology_of
 
 __all__ = ["ServerInfo", "check_server", "drops_script_writes", "used_memory"]
 
@@ -66,7 +65,7 @@ class ServerInfo:
     """The deployment's epoch (None: this user could not read or set it)."""
 
 
-async def used_memory(client: Client) -> int:
+async def used_memory(topology: Topology) -> int:
     """Bytes of memory the server uses (summed over a cluster's primaries); 0 when this
     user may not run INFO.
 
@@ -74,18 +73,10 @@ async def used_memory(client: Client) -> int:
         redis.exceptions.RedisError: as the server or the connection raised it.
     """
     try:
-        infos = await _infos(client, "memory")
+        infos = await topology.infos("memory")
     except redis.exceptions.NoPermissionError:
         return 0
     return sum(int(info.get("used_memory", 0)) for info in infos)
-
-
-async def _infos(client: Client, *section: str) -> list[dict[str, Any]]:
-    """INFO from the server, or from every primary of a cluster."""
-    if isinstance(client, RedisCluster):
-        await client.initialize()
-        return [await client.info(*section, target_nodes=node) for node in client.get_primaries()]
-    return [await client.info(*section)]
 
 
 def drops_script_writes(name: str, version: tuple[int, ...]) -> bool:
@@ -135,8 +126,9 @@ async def check_server(
         ScriptReplayError: the server logs appends, drops script writes on reload and its
             ``default`` user may not run them, and ``settings.eviction_check == "refuse"``.
     """
-    with _first_contact(client, settings):
-        name, version, policy, appendonly = await _describe(client)
+    topology = topology_of(client)
+    with _first_contact(topology, settings):
+        name, version, policy, appendonly = await _describe(topology)
     if version[:2] < MIN_VERSION:
         shown = ".".join(map(str, version))
         raise ServerError(f"{name} {shown} is too old: streamstore needs Redis >= 6.2")
@@ -154,7 +146,7 @@ async def check_server(
         replays = None
     elif appendonly and drops_script_writes(name, version):
         with translate_redis_errors(user=user):
-            replays = await _default_user_replays(client, keys)
+            replays = await _default_user_replays(topology, keys)
     if replays is False:
         shown = ".".join(map(str, version))
         message = (
@@ -202,17 +194,17 @@ def _replay_probes(keys: Keyspace) -> list[tuple[str, ...]]:
     ]
 
 
-async def _default_user_replays(client: Client, keys: Keyspace) -> bool | None:
+async def _default_user_replays(topology: Topology, keys: Keyspace) -> bool | None:
     """Whether the ``default`` user may run every write the scripts make (ACL DRYRUN); None
     when this user may not ask, or the server has no ACL DRYRUN (before Redis 7).
 
     Raises:
         redis.exceptions.RedisError: as the server or the connection raised it.
     """
-    execute: Callable[..., Awaitable[object]] = client.execute_command
+    execute: Callable[..., Awaitable[object]] = topology.client.execute_command
     for probe in _replay_probes(keys):
         try:
-            answer = await execute("ACL", "DRYRUN", "default", *probe, **_any_node(client))
+            answer = await execute("ACL", "DRYRUN", "default", *probe, **topology.any_node())
         except redis.exceptions.ResponseError as exc:
             if "unknown" in str(exc).lower() or _refused(exc):
                 log.info("the replay of script writes was not verified: %s", _first_line(exc))
@@ -272,21 +264,21 @@ async def _record_loss(client: Client, keys: Keyspace) -> None:
         log.error("this Redis user may not record the loss: run `streamstore check` as a worker")
 
 
-async def _describe(client: Client) -> tuple[str, tuple[int, ...], str | None, bool | None]:
+async def _describe(topology: Topology) -> tuple[str, tuple[int, ...], str | None, bool | None]:
     """Name, version, eviction policy and AOF state from INFO; from HELLO (version only) when
     this user may not run INFO."""
     try:
-        infos = await _infos(client)  # the default sections: server, memory, cluster, ...
+        infos = await topology.infos()  # the default sections: server, memory, cluster, ...
     except redis.exceptions.ResponseError as exc:  # NOPERM under a least-privilege ACL
-        _refuse_database(client, exc)
+        _refuse_database(topology, exc)
         log.warning(
             "this Redis user may not run INFO (%s): the eviction policy and persistence are "
             "not verified by this connection (a worker's user verifies them at its start)",
             _first_line(exc),
         )
         try:
-            execute: Callable[..., Awaitable[object]] = client.execute_command
-            hello = await execute("HELLO", "2", **_any_node(client))
+            execute: Callable[..., Awaitable[object]] = topology.client.execute_command
+            hello = await execute("HELLO", "2", **topology.any_node())
         except redis.exceptions.ResponseError as hello_exc:
             raise ServerError(
                 "cannot tell the server's version: this Redis user was refused "
@@ -296,11 +288,11 @@ async def _describe(client: Client) -> tuple[str, tuple[int, ...], str | None, b
         fields = _pairs(hello)
         name = _text(fields.get("server")) or "redis"
         return name, _version(_text(fields.get("version"))), None, None
-    if not isinstance(client, RedisCluster) and any(i.get("cluster_enabled") for i in infos):
+    if not topology.merges_per_partition and any(i.get("cluster_enabled") for i in infos):
         log.warning(
             "%s is a node of a Redis Cluster: unless it serves every slot, name the cluster "
             "with a redis+cluster://host:port[,host:port...] URL",
-            _address(client),
+            topology.address(),
         )
     name = "valkey" if any("valkey_version" in info for info in infos) else "redis"
     version = min(
@@ -321,16 +313,14 @@ async def _describe(client: Client) -> tuple[str, tuple[int, ...], str | None, b
     )
 
 
-def _refuse_database(client: Client, exc: redis.exceptions.ResponseError) -> None:
+def _refuse_database(topology: Topology, exc: redis.exceptions.ResponseError) -> None:
     """Raise what a refused SELECT (sent by redis-py as the connection opens) means.
 
     Raises:
         ConfigurationError: the URL's database does not exist, or this user may not select it.
     """
     text = str(exc)
-    db = 0
-    if not isinstance(client, RedisCluster):
-        db = client.connection_pool.connection_kwargs.get("db", 0)
+    db = topology.client.get_connection_kwargs().get("db", 0)
     if "DB index is out of range" in text:
         raise ConfigurationError(
             f"the Redis URL names database {db}, which this server does not have "
@@ -341,14 +331,6 @@ def _refuse_database(client: Client, exc: redis.exceptions.ResponseError) -> Non
             f"this Redis user may not select database {db}: use database 0 (/0), as every "
             "role of deploy/users.acl does"
         ) from None
-
-
-def _any_node(client: Client) -> dict[str, Any]:
-    """Keyword arguments sending a keyless command to one node (a cluster client refuses to
-    guess where HELLO goes)."""
-    if isinstance(client, RedisCluster):
-        return {"target_nodes": client.get_default_node()}
-    return {}
 
 
 async def _check_partitions(client: Client, settings: Settings, keys: Keyspace) -> None:
@@ -380,7 +362,7 @@ async def _check_partitions(client: Client, settings: Settings, keys: Keyspace) 
 
 
 @contextlib.contextmanager
-def _first_contact(client: Client, settings: Settings) -> Iterator[None]:
+def _first_contact(topology: Topology, settings: Settings) -> Iterator[None]:
     """Translate failures of the first round trip into errors that say what to fix, within
     the connect timeout (and a little more): redis-py's retries of a connection that timed out
     (a TLS handshake with a plaintext port never answers) would otherwise take four times it.
@@ -388,13 +370,13 @@ def _first_contact(client: Client, settings: Settings) -> Iterator[None]:
     Raises:
         ConnectionLostError, ServerError, ConfigurationError: as :func:`check_server` says.
     """
-    where = _address(client)
+    where = topology.address()
     deadline = connect_timeout(settings) + 0.5
     try:
-        with translate_redis_errors(), anyio.fail_after(deadline):
+        with anyio.fail_after(deadline), translate_redis_errors():
             yield
     except TimeoutError as exc:
-        hint = " (no TLS handshake answer: is this a TLS port of the server?)" * _is_tls(client)
+        hint = " (no TLS handshake answer: is this a TLS port of the server?)" * topology.uses_tls()
         raise ConnectionLostError(
             f"cannot connect to {where}: no answer within {deadline:g} s{hint}"
         ) from exc
@@ -406,12 +388,11 @@ def _first_contact(client: Client, settings: Settings) -> Iterator[None]:
                 "(give a role's user and password in the URL: redis://USER:PASSWORD@host)"
             ) from cause
         reason = _first_line(cause) if cause is not None else str(exc)
-        hint = _hint(client, cause)
+        hint = _hint(topology.uses_tls(), cause)
         raise ConnectionLostError(f"cannot connect to {where}: {reason}{hint}") from cause
 
 
-def _hint(client: Client, cause: BaseException | None) -> str:
-    tls = _is_tls(client)
+def _hint(tls: bool, cause: BaseException | None) -> str:
     chain: list[BaseException] = []
     while cause is not None and len(chain) < 5:
         chain.append(cause)
@@ -440,26 +421,6 @@ def _hint(client: Client, cause: BaseException | None) -> str:
     if not tls and any(word in text.lower() for word in closed):
         return " (if the server accepts only TLS, use a rediss:// URL)"
     return ""
-
-
-def _is_tls(client: Client) -> bool:
-    connection_class: Any
-    if isinstance(client, RedisCluster):
-        connection_class = client.get_connection_kwargs()["connection_class"]
-    else:
-        connection_class = client.connection_pool.connection_class
-    return issubclass(connection_class, redis.asyncio.connection.SSLConnection)
-
-
-def _address(client: Client) -> str:
-    scheme = "rediss" if _is_tls(client) else "redis"
-    if isinstance(client, RedisCluster):
-        nodes = ",".join(client.nodes_manager.startup_nodes)  # "host:port" names
-        return f"{scheme}+cluster://{nodes}"
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}"
-    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', DEFAULT_PORT)}"
 
 
 def _pairs(reply: object) -> dict[str, object]:

@@ -7,14 +7,11 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
-from pathlib import Path
-from typing import Any, Final, cast
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 import anyio
 import orjson
 import redis.exceptions
-from redis.asyncio import RedisCluster
 
 from streamstore.coalescer import MAX_BATCH, PublishBatch, PublishCoalescer
 from streamstore.codec import (
@@ -25,8 +22,8 @@ from streamstore.codec import (
     message_from_values,
 )
 from streamstore.config import Settings
-from streamstore.connection import Client, connect, is_transient, url_user
-from streamstore.embedded import EmbeddedServer
+from streamstore.connection import Client, is_transient
+from streamstore.deployment import Deployment
 from streamstore.errors import (
     BackpressureError,
     MessageTooLargeError,
@@ -39,7 +36,7 @@ from streamstore.errors import (
     permission_denied,
     translate_redis_errors,
 )
-from streamstore.history import HistoryStore, history_from_url
+from streamstore.history import HistoryStore
 from streamstore.keys import GROUP, Keyspace
 from streamstore.models import (
     STREAM_START,
@@ -53,8 +50,7 @@ from streamstore.models import (
     validate_session_id,
 )
 from streamstore.replay import SessionReader
-from streamstore.scripts import Scripts
-from streamstore.server_check import ServerInfo, check_server, used_memory
+from streamstore.server_check import ServerInfo, used_memory
 from streamstore.stats import DeadLetter, DeploymentStats, PartitionStats
 
 __all__ = ["StreamStore"]
@@ -70,32 +66,21 @@ class StreamStore:
     """A connection to a streamstore deployment: Redis for the live tier, a history store for
     the durable one. Build it with :meth:`open`."""
 
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        client: Client,
-        history: HistoryStore,
-        server: ServerInfo,
-        url: str,
-    ) -> None:
-        self.settings = settings
-        self.keys = Keyspace(settings.key_prefix, settings.partitions)
-        self.server = server
-        self.url = url
-        self._user = url_user(url)
-        self._client = client
-        self._history = history
-        self._scripts = Scripts.register(client)
-        self._window_ms = max(1, int(settings.dedup_window_s * 1000))
+    def __init__(self, deployment: Deployment) -> None:
+        """A facade over an open deployment (:meth:`open` builds both)."""
+        self._deployment = deployment
+        self._client = deployment.client
+        self._history = deployment.history
+        self._scripts = deployment.scripts
+        self._user = deployment.user
+        self._window_ms = max(1, int(deployment.settings.dedup_window_s * 1000))
         self._publisher = PublishCoalescer(
-            client,
+            deployment.topology,
             self._scripts.publish,
-            high_water=settings.max_lag,
+            high_water=deployment.settings.max_lag,
             dedup_lifetime_ms=2 * self._window_ms + 1000,
-            by_partition=isinstance(client, RedisCluster),
         )
-        self._reader = SessionReader(client, self._scripts, history, self.keys, settings)
+        self._reader = SessionReader(deployment)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -116,7 +101,9 @@ class StreamStore:
             ConfigurationError: settings are invalid, or the partition count differs from the
                 deployment's.
             EmbeddedServerError: no server binary, or it failed to start.
-            EvictionPolicyError: the server may evict keys (see ``eviction_check``).
+            UnsafeServerError: the server may evict keys (:class:`EvictionPolicyError`) or
+                would drop the scripts' writes on restart (:class:`ScriptReplayError`); see
+                ``eviction_check``.
             ConnectionLostError: the server cannot be reached.
             HistoryError: the history store cannot be opened.
         """
@@ -126,23 +113,39 @@ class StreamStore:
         if history_url is not None:
             options["history_url"] = history_url
         resolved = base.replace(**options) if options else base
-        async with contextlib.AsyncExitStack() as stack:
-            url = resolved.redis_url
-            if url is None:
-                server = EmbeddedServer(data_dir=_embedded_dir(resolved))
-                await anyio.to_thread.run_sync(server.start)
-                stack.push_async_callback(_stop_in_thread, server)
-                url = server.url
-            client = connect(url, resolved)
-            stack.push_async_callback(client.aclose)
-            keys = Keyspace(resolved.key_prefix, resolved.partitions)
-            info = await check_server(client, resolved, keys, user=url_user(url))
-            history = history_from_url(resolved.history_url)
-            await history.open()
-            stack.push_async_callback(history.close)
-            store = cls(settings=resolved, client=client, history=history, server=info, url=url)
-            stack.push_async_callback(store._publisher.release)
-            yield store
+        async with Deployment.open(resolved) as deployment:
+            store = cls(deployment)
+            try:
+                yield store
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await store._publisher.release()
+
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment this facade publishes to and reads from (give it to a
+        :class:`~streamstore.Persister` or :class:`~streamstore.Sweeper` in this process)."""
+        return self._deployment
+
+    @property
+    def settings(self) -> Settings:
+        """The settings the store was opened with."""
+        return self._deployment.settings
+
+    @property
+    def keys(self) -> Keyspace:
+        """Every Redis key of the deployment."""
+        return self._deployment.keys
+
+    @property
+    def server(self) -> ServerInfo:
+        """What the server checks found when the store connected."""
+        return self._deployment.server
+
+    @property
+    def url(self) -> str:
+        """The Redis URL in use (the embedded server's when none was configured)."""
+        return self._deployment.url
 
     @property
     def history_store(self) -> HistoryStore:
@@ -487,7 +490,7 @@ class StreamStore:
             ConnectionLostError: the server cannot be reached.
         """
         with translate_redis_errors(user=self._user):
-            memory = await used_memory(self._client)  # INFO: not in a cluster's pipelines
+            memory = await used_memory(self._deployment.topology)  # not in a pipeline
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.xlen(self.keys.dead_letters)
                 pipe.hget(self.keys.deployment, "data_lost_at")
@@ -554,13 +557,12 @@ class StreamStore:
             dead = _dead_letter(*found[0])
             if dead.feed not in self.keys.feeds() or not dead.fields:
                 raise ValidationError(f"dead letter {entry} cannot be requeued (no original)")
-            cluster = isinstance(self._client, RedisCluster)
-            async with self._client.pipeline(transaction=not cluster) as pipe:
-                pipe.xadd(dead.feed, cast("dict[Any, Any]", dead.fields))
-                if cluster:  # the feed and the dead letters are in two slots: no MULTI
-                    await pipe.execute()  # requeued first: a failure now repeats, never loses
-                pipe.xdel(self.keys.dead_letters, entry)
-                await pipe.execute()
+            # Requeued first: on a cluster (two slots, no MULTI) a failure between the two
+            # steps requeues it twice, never loses it.
+            await self._deployment.topology.together(
+                [("XADD", dead.feed, "*", *_flat(dead.fields))],
+                [("XDEL", self.keys.dead_letters, entry)],
+            )
         return True
 
     # -- reading ----------------------------------------------------------------------------
@@ -703,6 +705,11 @@ def _partition_stats(partition: int, stream: Any, groups: Any) -> PartitionStats
     )
 
 
+def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
+    """A stream entry's fields as XADD takes them: name, value, name, value ..."""
+    return [part for pair in fields.items() for part in pair]
+
+
 def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
     """A dead letter from its raw XRANGE entry (bytes ids and fields)."""
 
@@ -716,10 +723,6 @@ def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
         reason=text(b"reason"),
         fields={k[2:]: v for k, v in fields.items() if k.startswith(b"f:")},
     )
-
-
-async def _stop_in_thread(server: EmbeddedServer) -> None:
-    await anyio.to_thread.run_sync(server.stop)
 
 
 def _plain(metadata: object) -> object:
@@ -750,15 +753,3 @@ def _raise_script_error(exc: BaseException, session_id: str) -> None:
             f"persistence lags: the partition of session {session_id!r} holds max_lag "
             "unpersisted messages"
         ) from None
-
-
-def _embedded_dir(settings: Settings) -> Path | None:
-    """Where the embedded server keeps its append-only file: ``embedded_dir`` if set, else
-    beside the SQLite history file (so unpersisted messages survive a restart), else a
-    temporary directory."""
-    if settings.embedded_dir is not None:
-        return Path(settings.embedded_dir)
-    parts = urlsplit(settings.history_url)
-    if parts.scheme == "sqlite" and parts.path not in ("", "/"):
-        return Path(parts.path[1:] + "-redis")
-    return None

@@ -19,17 +19,15 @@ from anyio.abc import TaskStatus
 
 from streamstore.codec import decode_session_meta
 from streamstore.config import SweeperSettings
+from streamstore.deployment import Deployment, HasDeployment, deployment_of
 from streamstore.errors import (
     ConnectionLostError,
     CorruptEntryError,
     HistoryError,
     ServerError,
-    translate_redis_errors,
 )
 from streamstore.keys import GROUP
 from streamstore.models import SessionState
-from streamstore.scripts import Scripts
-from streamstore.store import StreamStore
 
 __all__ = ["SweepReport", "Sweeper"]
 
@@ -56,7 +54,7 @@ class Sweeper:
 
     def __init__(
         self,
-        store: StreamStore,
+        deployment: Deployment | HasDeployment,
         settings: SweeperSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
@@ -64,16 +62,16 @@ class Sweeper:
     ) -> None:
         """
         Args:
-            store: the deployment to sweep.
+            deployment: the deployment to sweep (or a StreamStore, for its deployment).
             settings: retention and timing (default: from the environment).
             clock: the time source of ``sweep_once()`` without ``now`` (tests inject one).
             on_sweep: called with the report of each completed sweep (metrics).
         """
-        self._store = store
-        self._client = store.client
-        self._keys = store.keys
+        self._deployment = deployment_of(deployment)
+        self._client = self._deployment.client
+        self._keys = self._deployment.keys
         self._settings = settings if settings is not None else SweeperSettings.from_env()
-        self._scripts = Scripts.register(store.client)
+        self._scripts = self._deployment.scripts
         self._clock = clock
         self._on_sweep = on_sweep
         self._stopping = False
@@ -111,17 +109,17 @@ class Sweeper:
         closed = retired = reaped = 0
         for partition in range(self._keys.partitions):
             closed += await self._close_idle(partition, at)
-            with translate_redis_errors():
+            with self._deployment.redis_errors():
                 await self._scripts.advance(
                     self._keys,
                     partition,
                     now_ms=int(at * 1000),
-                    hot_ms=int(self._store.settings.hot_tail_s * 1000),
+                    hot_ms=int(self._deployment.settings.hot_tail_s * 1000),
                 )
             retired += await self._retire_closed(partition)
             reaped += await self._reap_consumers(partition)
         retention = self._settings.retention_s
-        result = await self._store.history_store.enforce_retention(
+        result = await self._deployment.history.enforce_retention(
             older_than=None if retention is None else at - retention,
             max_messages_per_session=self._settings.max_messages_per_session,
             max_sessions=self._settings.max_sessions,
@@ -132,13 +130,13 @@ class Sweeper:
         return report
 
     async def _close_idle(self, partition: int, now: float) -> int:
-        with translate_redis_errors():
+        with self._deployment.redis_errors():
             idle = await self._client.zrangebyscore(
                 self._keys.deadlines(partition), "-inf", now, start=0, num=self._settings.batch
             )
         closed = 0
         for session_id in _ids(idle):
-            with translate_redis_errors():
+            with self._deployment.redis_errors():
                 meta = await self._client.hgetall(self._keys.session(session_id).meta)
             if not meta:
                 continue
@@ -148,12 +146,12 @@ class Sweeper:
                 log.warning("session %s has a malformed meta hash; not closing it", session_id)
                 continue
             ended = dataclasses.replace(current, state=SessionState.CLOSED)
-            with translate_redis_errors():
+            with self._deployment.redis_errors():
                 previous = await self._scripts.end_session(
                     self._keys,
                     ended,
                     now=now,
-                    tombstone_ms=self._store.settings.tombstone_ms,
+                    tombstone_ms=self._deployment.settings.tombstone_ms,
                     idle_before=now,
                 )
             if previous == b"active":
@@ -162,14 +160,14 @@ class Sweeper:
         return closed
 
     async def _retire_closed(self, partition: int) -> int:
-        with translate_redis_errors():
+        with self._deployment.redis_errors():
             closing = await self._client.zrange(
                 self._keys.closing(partition), 0, self._settings.batch - 1
             )
             retired = 0
             for session_id in _ids(closing):
                 retired += await self._scripts.retire(
-                    self._keys, session_id, tombstone_ms=self._store.settings.tombstone_ms
+                    self._keys, session_id, tombstone_ms=self._deployment.settings.tombstone_ms
                 )
         return retired
 
@@ -178,13 +176,13 @@ class Sweeper:
         idle_ms = int(self._settings.consumer_idle_s * 1000)
         removed = 0
         try:
-            with translate_redis_errors():
+            with self._deployment.redis_errors():
                 consumers = await self._client.xinfo_consumers(feed, GROUP)
         except ServerError:  # no group yet: no persister has started
             return 0
         for consumer in consumers:
             if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
-                with translate_redis_errors():
+                with self._deployment.redis_errors():
                     removed += await self._scripts.reap_consumer(
                         self._keys, partition, consumer["name"], idle_ms=idle_ms
                     )

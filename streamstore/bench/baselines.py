@@ -18,9 +18,10 @@ from redis.typing import EncodableT, FieldT
 
 from streamstore.bench.workload import CONTENT, READ_COUNT, RECIPIENT, SENDER
 from streamstore.config import Settings
-from streamstore.connection import Client, routed
+from streamstore.connection import Client
 from streamstore.errors import HistoryUnavailableError
 from streamstore.history import history_from_url
+from streamstore.topology import topology_of
 
 if TYPE_CHECKING:
     import asyncpg
@@ -103,12 +104,13 @@ async def xadd_pipelined(raw: Client, key: str, count: int) -> None:
 async def read_and_ack(raw: Client, key: str, session_id: str) -> list[list[Row]]:
     """The hand-written consumer: XREADGROUP COUNT 1000, turn entries into rows, XACK."""
     batches: list[list[Row]] = []
+    route = topology_of(raw).route(key)
     while True:
         reply = _streams(
             await raw.execute_command(
                 *("XREADGROUP", "GROUP", GROUP, "consumer", "COUNT", READ_COUNT),
                 *("STREAMS", key, ">"),
-                **routed(raw, key),
+                **route,
             )
         )
         if not reply:
@@ -134,11 +136,12 @@ async def xread_latencies(raw: Client, key: str, sent: list[float]) -> list[floa
     """The hand-written subscriber: XREAD BLOCK from the start of a new stream."""
     latencies: list[float] = []
     cursor: bytes | str = "0-0"
+    route = topology_of(raw).route(key)
     while len(latencies) < len(sent):
         reply = _streams(
             await raw.execute_command(
                 *("XREAD", "COUNT", READ_COUNT, "BLOCK", 1000, "STREAMS", key, cursor),
-                **routed(raw, key),
+                **route,
             )
         )
         for _, entries in reply:
@@ -152,8 +155,8 @@ def _streams(reply: object) -> list[Any]:
     """An XREAD/XREADGROUP reply of the baseline client: ``[[key, [(id, fields), ...]], ...]``
     (redis-py's RESP2-shaped default), empty when nothing arrived.
 
-    The baseline sends both reads with ``execute_command`` and :func:`routed`, straight to the
-    key's node on a cluster as streamstore does: redis-py's cluster client would otherwise ask
+    The baseline sends both reads with ``execute_command``, routed by the topology straight to
+    the key's node on a cluster as streamstore does: redis-py's cluster client would otherwise ask
     a node for their keys (COMMAND GETKEYS) before every read, a round trip streamstore does
     not pay."""
     return cast("list[Any]", reply or [])

@@ -65,7 +65,7 @@ class BenchReport:
     hold_rate: float
 
     def as_dict(self) -> dict[str, object]:
-        """The report as a JSON object (what ``--json`` writes)."""
+        """The report as a JSON object (what ``--output`` writes)."""
         return {
             "server": self.server,
             "topology": self.topology,

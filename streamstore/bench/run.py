@@ -13,14 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from redis.asyncio import RedisCluster
 
 from streamstore.bench.baselines import history_baseline, raw_client, sqlite_url
 from streamstore.bench.report import BenchReport, Figure
 from streamstore.bench.steps import Bench, delete_keys, new_prefix
 from streamstore.bench.workload import CONCURRENCY, Options
 from streamstore.config import Settings
-from streamstore.connection import Client, redact_url
+from streamstore.connection import redact_url
 from streamstore.store import StreamStore
 
 
@@ -29,7 +28,7 @@ async def run_bench(
 ) -> BenchReport:
     """Run every step on the server of ``settings`` (the embedded one when ``redis_url`` is
     None, a Redis Cluster for a ``redis+cluster://`` URL), report progress through ``say``,
-    then the table; write ``--json`` if asked.
+    then the table; write ``--output`` if asked.
 
     ``key_prefix`` is not used: each step has a prefix of its own. Nor is the history store
     that ``history_url`` names: with a ``postgresql://`` URL each step opens a PostgreSQL
@@ -68,7 +67,7 @@ async def run_bench(
             raw = raw_client(host.url, base)
             stack.push_async_callback(raw.aclose)
             server = f"{host.server.name} {'.'.join(map(str, host.server.version))}"
-            topology = await _topology(host.client)
+            topology = await host.deployment.topology.describe()
             held = (
                 ""
                 if options.hold is None
@@ -113,19 +112,6 @@ async def run_bench(
         options.json_path.write_bytes(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2))
         say(f"figures written to {options.json_path}")
     return report
-
-
-async def _topology(client: Client) -> str:
-    """``single node`` or ``cluster of N primaries``.
-
-    Raises:
-        redis.exceptions.RedisError: a cluster client could not read the cluster's layout.
-    """
-    if not isinstance(client, RedisCluster):
-        return "single node"
-    await client.initialize()  # done already by the checks at open: nothing is sent
-    primaries = len(client.get_primaries())
-    return f"cluster of {primaries} {'primary' if primaries == 1 else 'primaries'}"
 
 
 def _peak_rss_mib() -> float:
