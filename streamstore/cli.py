@@ -27,7 +27,6 @@ import orjson
 
 from streamstore.cli_types import positive_float, positive_int
 from streamstore.config import PersisterSettings, Settings, SweeperSettings
-from streamstore.connection import redact_url
 from streamstore.embedded import EmbeddedServer
 from streamstore.errors import (
     ConnectionLostError,
@@ -35,6 +34,7 @@ from streamstore.errors import (
     ServerError,
     StreamStoreError,
 )
+from streamstore.health import HealthReport
 from streamstore.models import Message, Session
 from streamstore.persister import Persister
 from streamstore.stats import DeadLetter, DeploymentStats
@@ -91,9 +91,11 @@ stderr; -v shows the traceback), 130 interrupted, 141 output pipe closed.
 
 _CHECK_EPILOG = """\
 Unhealthy (exit 3): the server cannot be reached or opened, its maxmemory-policy may evict
-keys, the history store fails, a partition's backlog is at or over the high-water mark
-(max_lag: publishes there block, then fail - is a worker running?), or a worker found that the
-server had lost its data (until `--acknowledge-data-loss`).
+keys, it would drop the scripts' writes on restart (a restricted `default` ACL user with the
+append-only file on), the history store fails, a worker's history writes have been failing
+for longer than its unhealthy_after, a partition's backlog is at or over the high-water mark
+(max_lag: publishes there block, then fail - is a worker running?), or the server lost its
+data (until `--acknowledge-data-loss`).
 Warnings only (exit 0): dead letters (isolated entries that block nothing but need a look:
 `streamstore dead-letters list`), append-only persistence off, INFO not permitted.
 """
@@ -730,52 +732,16 @@ def _stats_lines(stats: DeploymentStats, stored: int) -> list[str]:
 
 
 async def _check(args: argparse.Namespace) -> int:
-    reasons: list[str] = []
-    warnings: list[str] = []
-    summary = ""
     try:
         async with _open(args) as store:
-            summary = (
-                f"{store.server.name} {'.'.join(map(str, store.server.version))} at "
-                f"{redact_url(store.url)}"
-            )
-            policy = store.server.maxmemory_policy
-            if policy is None:
-                warnings.append("this user may not run INFO: eviction policy not verified")
-            elif policy != "noeviction":  # reached when eviction_check is "warn"
-                reasons.append(f"maxmemory-policy is {policy!r}: the server may evict streams")
-            if store.server.appendonly is False:
-                warnings.append(
-                    "append-only persistence is off: a server restart loses what is not persisted"
-                )
-            stats = await store.stats()
-            for partition in stats.lagging:
-                backlog = stats.partitions[partition].backlog
-                reasons.append(
-                    f"partition {partition} holds {backlog} entries, at or over the high-water "
-                    f"mark {stats.max_lag}: publishes there block (is a worker running?)"
-                )
-            if stats.data_lost_at is not None and args.acknowledge_data_loss:
-                await store.acknowledge_data_loss()
-            elif stats.data_lost_at is not None:
-                reasons.append(
-                    f"the server lost its data at {_time(stats.data_lost_at)}: messages it had "
-                    "acknowledged and not yet persisted then are gone (once reviewed: "
-                    "`streamstore check --acknowledge-data-loss`)"
-                )
-            if stats.dead_letters:
-                warnings.append(
-                    f"{stats.dead_letters} dead letters (see `streamstore dead-letters list`)"
-                )
-            await store.history_store.count_messages()
-    except (ConnectionLostError, ServerError, HistoryError) as exc:
-        reasons.append(_one_line(exc))
-    healthy = not reasons
-    report = {"healthy": healthy, "server": summary, "reasons": reasons, "warnings": warnings}
-    lines = [f"unhealthy: {reason}" for reason in reasons] or [f"healthy: {summary}"]
-    lines += [f"warning: {warning}" for warning in warnings]
-    _emit(args, "\n".join(lines), report)
-    return EXIT_OK if healthy else EXIT_UNHEALTHY
+            report = await store.check(acknowledge_data_loss=args.acknowledge_data_loss)
+    except (ConnectionLostError, ServerError, HistoryError) as exc:  # could not even open it
+        report = HealthReport("", reasons=(_one_line(exc),))
+    lines = [f"unhealthy: {reason}" for reason in report.reasons]
+    lines = lines or [f"healthy: {report.summary}"]
+    lines += [f"warning: {warning}" for warning in report.warnings]
+    _emit(args, "\n".join(lines), report.as_dict())
+    return EXIT_OK if report.healthy else EXIT_UNHEALTHY
 
 
 def _dead_letter_json(dead: DeadLetter) -> dict[str, object]:

@@ -42,7 +42,6 @@ __all__ = [
     "connect_timeout",
     "is_transient",
     "redact_url",
-    "routed",
     "url_user",
 ]
 
@@ -260,19 +259,6 @@ class _Cluster(RedisCluster):
             raise redis.exceptions.TryAgainError(
                 f"{exc} (redirected too often: the cluster is moving a slot)"
             ) from exc
-
-
-def routed(client: Client, key: str) -> dict[str, Any]:
-    """Keyword arguments that send a command on ``key`` straight to the cluster node serving
-    it; empty for a single server.
-
-    Give them to XREAD and XREADGROUP: for those, redis-py's cluster client would otherwise
-    ask a node for the command's keys (COMMAND GETKEYS) before each call, a round trip more
-    through one node that then must be up.
-    """
-    if isinstance(client, RedisCluster):
-        return {"target_nodes": client.get_node_from_key(key)}
-    return {}
 
 
 def is_transient(error: BaseException) -> bool:

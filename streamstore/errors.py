@@ -16,6 +16,8 @@
     │   ├── UnsafeServerError                 the server could lose what it acknowledged
     │   │   ├── EvictionPolicyError           maxmemory-policy can evict streams
     │   │   └── ScriptReplayError             a restart would drop the scripts' writes
+    │   ├── GroupMissingError                 a feed has no consumer group (NOGROUP)
+    │   ├── GroupExistsError                  the consumer group exists already (BUSYGROUP)
     │   └── EmbeddedServerError               the private server could not be started
     ├── ConnectionLostError (ConnectionError) the server could not be reached
     ├── HistoryError                          the history store failed
@@ -41,6 +43,8 @@ __all__ = [
     "CorruptEntryError",
     "EmbeddedServerError",
     "EvictionPolicyError",
+    "GroupExistsError",
+    "GroupMissingError",
     "HistoryCorruptError",
     "HistoryError",
     "HistoryUnavailableError",
@@ -58,6 +62,7 @@ __all__ = [
     "first_error",
     "name_script",
     "permission_denied",
+    "script_refusal",
     "translate_redis_errors",
 ]
 
@@ -143,6 +148,15 @@ class PermissionDeniedError(ServerError, PermissionError):
         self.role = role
 
 
+class GroupMissingError(ServerError):
+    """A feed (or its consumer group) does not exist: the server restarted empty or the group
+    was deleted (NOGROUP). The persister creates it again."""
+
+
+class GroupExistsError(ServerError):
+    """The consumer group exists already (BUSYGROUP): creating it is done."""
+
+
 class UnsafeServerError(ServerError):
     """The server is configured so that it could lose messages it acknowledged."""
 
@@ -198,6 +212,38 @@ _COMMAND = re.compile(r"to run the '([A-Za-z|_-]+)' command")
 _SHA = re.compile(r"script: ([0-9a-f]{40})")
 
 
+_REPLY_KINDS: dict[str, type[ServerError]] = {
+    "NOGROUP": GroupMissingError,
+    "BUSYGROUP": GroupExistsError,
+}
+"""Error replies told apart by their code (the reply's first word)."""
+
+
+def script_refusal(text: str, session_id: str) -> StreamStoreError | None:
+    """The typed error for a refusal the scripts answer with a code of their own
+    (publish.lua, create_session.lua): SSNOSESSION, SSCLOSED <state>, SSEXISTS, SSBACKPRESSURE;
+    None for any other reply."""
+    code, _, detail = text.partition(" ")
+    if code == "SSNOSESSION":
+        return SessionNotFoundError(session_id)
+    if code == "SSCLOSED":
+        return SessionClosedError(session_id, detail.strip())
+    if code == "SSEXISTS":
+        return SessionExistsError(session_id)
+    if code == "SSBACKPRESSURE":
+        return BackpressureError(
+            f"persistence lags: the partition of session {session_id!r} holds max_lag "
+            "unpersisted messages"
+        )
+    return None
+
+
+def _reply_code(text: str) -> str:
+    """The error code of a reply: its first word (redis-py's pipelines prefix a failed
+    command's reply with ``Command # N (...) of pipeline caused error:``)."""
+    return text.rpartition("caused error: ")[2].partition(" ")[0]
+
+
 def name_script(sha: str, name: str, role: str) -> None:
     """Remember a script's name and role by its SHA1, so that an ACL refusal inside it names
     them rather than the hash."""
@@ -227,7 +273,8 @@ def translate_redis_errors(*, user: str | None = None) -> Iterator[None]:
             raise BackpressureError("the Redis server is out of memory") from exc
         if isinstance(exc, redis.exceptions.NoPermissionError) or _REFUSED.search(text):
             raise permission_denied(text, user=user) from exc
-        raise ServerError(f"the Redis server refused a command: {exc}") from exc
+        kind = _REPLY_KINDS.get(_reply_code(text), ServerError)
+        raise kind(f"the Redis server refused a command: {exc}") from exc
 
 
 def permission_denied(text: str, *, user: str | None = None) -> PermissionDeniedError:

@@ -30,10 +30,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from streamstore.errors import ConfigurationError, StreamStoreError, translate_redis_errors
+from streamstore.deployment import Deployment, HasDeployment, deployment_of
+from streamstore.errors import ConfigurationError, StreamStoreError
+from streamstore.health import server_findings
 from streamstore.persister import Persister, PersisterStats
-from streamstore.stats import DeploymentStats
-from streamstore.store import StreamStore
+from streamstore.stats import DeploymentStats, read_stats
 from streamstore.sweeper import SweepReport
 
 __all__ = ["WorkerMetrics"]
@@ -71,11 +72,11 @@ class WorkerMetrics(Collector):
     the deployment's feeds are read when ``/metrics`` is scraped.
     """
 
-    def __init__(self, store: StreamStore, consumer: str) -> None:
+    def __init__(self, deployment: Deployment | HasDeployment, consumer: str) -> None:
         # Process-wide (see the module docstring); read at scrape time, so calling it here
         # also covers metrics made before.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in 0.26
-        self._store = store
+        self._deployment = deployment_of(deployment)
         self._consumer = consumer
         self._persister: Persister | None = None
         self._persister_running = False
@@ -87,7 +88,7 @@ class WorkerMetrics(Collector):
             "This worker's consumer name and partition count",
             ["consumer", "partitions"],
             registry=self.registry,
-        ).labels(consumer, str(store.settings.partitions)).set(1)
+        ).labels(consumer, str(self._deployment.settings.partitions)).set(1)
         self._batch_size = Histogram(
             "streamstore_persister_batch_size",
             "Entries per batch committed to history",
@@ -173,6 +174,7 @@ class WorkerMetrics(Collector):
         """Whether the persister loop runs, its history writes succeed (or have failed for no
         longer than ``unhealthy_after``) and Redis answers, with the reasons if not."""
         reasons = []
+        server_concerns, server_warnings = server_findings(self._deployment.server)
         if not self._persister_running:
             reasons.append("the persister loop is not running")
         persister = self._persister
@@ -180,8 +182,8 @@ class WorkerMetrics(Collector):
         if history_problem is not None:
             reasons.append(history_problem)
         try:
-            with anyio.fail_after(PING_TIMEOUT), translate_redis_errors():
-                await self._store.client.ping()
+            with anyio.fail_after(PING_TIMEOUT), self._deployment.redis_errors():
+                await self._deployment.client.ping()
             redis_ok = True
         except (TimeoutError, StreamStoreError) as exc:
             redis_ok = False
@@ -196,6 +198,9 @@ class WorkerMetrics(Collector):
                 "reason": None if persister is None else persister.failure_reason,
             },
             "reasons": reasons,
+            # What `streamstore check` also reports about the server; a worker stays live
+            # beside it (restarting it would not change the server).
+            "warnings": [*server_concerns, *server_warnings],
         }
         return not reasons, body
 
@@ -204,7 +209,7 @@ class WorkerMetrics(Collector):
         (left out, and ``streamstore_redis_up`` 0, when Redis does not answer)."""
         try:
             with anyio.fail_after(STATS_TIMEOUT):
-                self._snapshot = await self._store.stats()
+                self._snapshot = await read_stats(self._deployment)
         except (TimeoutError, StreamStoreError) as exc:
             self._snapshot = None
             log.warning("metrics: no deployment snapshot: %s", exc or "timed out")

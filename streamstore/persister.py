@@ -11,7 +11,8 @@ On one server, new entries of all feeds come from one blocking XREADGROUP. A Red
 refuses a command on keys of several slots, and a blocking read of one feed would leave the
 others waiting, so there each feed is read without blocking, all in one pipeline (one round
 trip per node, the nodes in parallel), and when every feed is empty the persister pauses
-:data:`CLUSTER_IDLE_POLL` before reading again: that bounds the added latency, and an idle
+:data:`~streamstore.topology.CLUSTER_IDLE_POLL` before reading again (the deployment's
+:class:`~streamstore.topology.Topology` does either): that bounds the added latency, and an idle
 worker costs each node a few cheap reads per pause.
 
 While running, a persister keeps its entry in the deployment's workers hash
@@ -33,17 +34,18 @@ import anyio
 import redis.exceptions
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
-from redis.asyncio import RedisCluster
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 
 from streamstore.codec import decode_feed_entry
 from streamstore.config import PersisterSettings
-from streamstore.connection import routed
 from streamstore.crashpoints import crash_if
+from streamstore.deployment import Deployment, HasDeployment, deployment_of
 from streamstore.errors import (
     BackpressureError,
     ConnectionLostError,
     CorruptEntryError,
+    GroupExistsError,
+    GroupMissingError,
     HistoryCorruptError,
     HistoryError,
     HistoryUnavailableError,
@@ -51,14 +53,11 @@ from streamstore.errors import (
     ServerError,
     StreamStoreError,
     first_error,
-    translate_redis_errors,
 )
 from streamstore.health import STATUS_INTERVAL, encode_status
 from streamstore.history import HistoryStore
 from streamstore.keys import GROUP
 from streamstore.models import Message, Session, StreamId
-from streamstore.scripts import Scripts
-from streamstore.store import StreamStore
 
 __all__ = ["Persister", "PersisterStats"]
 
@@ -150,7 +149,7 @@ class Persister:
 
     def __init__(
         self,
-        store: StreamStore,
+        deployment: Deployment | HasDeployment,
         settings: PersisterSettings | None = None,
         *,
         history: HistoryStore | None = None,
@@ -158,26 +157,26 @@ class Persister:
     ) -> None:
         """
         Args:
-            store: the deployment to persist (its client, keys and history store).
+            deployment: the deployment to persist (or a StreamStore, for its deployment).
             settings: consumer name, batch size, claim timing (default: from the environment).
-            history: write here instead of ``store.history_store`` (tests, migrations).
+            history: write here instead of the deployment's history (tests, migrations).
             on_batch: called after each commit with the batch's entry count and its commit
                 seconds (metrics).
         """
-        self._store = store
-        self._client = store.client
-        self._cluster = isinstance(store.client, RedisCluster)
-        self._history = history if history is not None else store.history_store
+        self._deployment = deployment_of(deployment)
+        self._client = self._deployment.client
+        self._topology = self._deployment.topology
+        self._history = history if history is not None else self._deployment.history
         self._on_batch = on_batch
-        self._keys = store.keys
-        self._scripts = Scripts.register(store.client)
+        self._keys = self._deployment.keys
+        self._scripts = self._deployment.scripts
         self._partition_of = {feed: p for p, feed in enumerate(self._keys.feeds())}
         self._settings = settings if settings is not None else PersisterSettings.from_env()
         self._consumer = self._settings.consumer
         self._stopping = False
         self._failures: dict[bytes, tuple[float, int]] = {}  # entry id -> (first, count)
         self._last_success = 0.0
-        self._epoch: bytes | str | None = None
+        self._epoch: str | None = None
         # History health: since when writes have been failing (wall clock for reports,
         # monotonic for the threshold) and the last error; None while they succeed.
         self._failing_since: float | None = None
@@ -250,7 +249,7 @@ class Persister:
     # -- the loop -----------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        block_ms = max(1, int(self._store.settings.block_s * 1000))
+        block_ms = max(1, int(self._deployment.settings.block_s * 1000))
         backoff = self._settings.retry_backoff_s
         recover = True
         next_claim = 0.0
@@ -298,97 +297,69 @@ class Persister:
         await self._check_epoch()
         for feed in self._keys.feeds():
             try:
-                with translate_redis_errors():
+                with self._deployment.redis_errors():
                     await self._client.xgroup_create(feed, GROUP, id="0", mkstream=True)
-            except ServerError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            except GroupExistsError:
+                pass
             except BackpressureError:  # out of memory: fine if the group is already there
-                with translate_redis_errors():
+                with self._deployment.redis_errors():
                     groups = await self._client.xinfo_groups(feed)
                 if not any(g["name"] == GROUP.encode() for g in groups):
                     raise
 
     async def _check_epoch(self) -> None:
-        """Detect a server that lost its data (restarted without persistence, or flushed).
+        """Detect a server that lost its data (restarted without persistence, flushed, or
+        dropping the scripts' writes when it reloads its append-only file).
 
-        The deployment hash carries a random epoch, set once. A persister remembers the epoch
-        it started with; finding another one (or none) later means every message the server
-        had acknowledged and nobody had persisted yet is gone. That cannot be undone, but it
-        must not pass silently: it is logged, counted, and recorded in the deployment hash
-        (``data_lost_at``) where ``stats()`` and ``streamstore check`` report it.
+        The deployment's epoch, a random id set once, is written through a script like every
+        message (deployment.lua), so whatever drops messages drops it too. A persister
+        remembers the epoch it started with; finding another one later, or a partition count
+        without an epoch, means every message the server had acknowledged and nobody had
+        persisted yet is gone. That cannot be undone, but it must not pass silently: it is
+        logged, counted, and recorded in the deployment hash (``data_lost_at``, a plain write)
+        where ``stats()`` and ``streamstore check`` report it.
         """
-        with translate_redis_errors():
-            epoch = await self._client.hget(self._keys.deployment, "epoch")
-        if epoch is None:  # a new deployment, or a server that lost everything
-            try:
-                with translate_redis_errors():
-                    await self._client.hsetnx(self._keys.deployment, "epoch", os.urandom(8).hex())
-            except BackpressureError:
-                return  # out of memory: check again at the next recovery
-            with translate_redis_errors():
-                epoch = await self._client.hget(self._keys.deployment, "epoch")
-        if self._epoch is None:
-            self._epoch = epoch
-            return
-        if epoch == self._epoch:
-            return
+        try:
+            with self._deployment.redis_errors():
+                epoch, state = await self._scripts.deployment_epoch(
+                    self._keys, os.urandom(8).hex(), now=time.time()
+                )
+        except BackpressureError:
+            return  # out of memory: check again at the next recovery
+        lost = state == "lost" or (self._epoch is not None and epoch != self._epoch)
         self._epoch = epoch
+        if not lost:
+            return
         self.stats.data_losses += 1
         log.error(
-            "persister %s: the Redis server lost its data (restarted without persistence or "
-            "flushed): messages it acknowledged that were not yet persisted are lost",
+            "persister %s: the Redis server lost its data (restarted without persistence, "
+            "flushed, or dropping the scripts' writes on reload): messages it acknowledged "
+            "that were not yet persisted are lost",
             self._consumer,
         )
-        with translate_redis_errors():
+        with self._deployment.redis_errors():
             await self._client.hset(
                 self._keys.deployment,
                 mapping={"data_lost_at": repr(time.time()), "partitions": self._keys.partitions},
             )
 
     async def _read(self, start: str, *, block_ms: int | None) -> list[Raw]:
-        """XREADGROUP on every feed: ``>`` for new entries, ``0`` for our own pending ones.
-        With ``block_ms``, waits that long for new entries when there are none (on a cluster:
-        at most :data:`CLUSTER_IDLE_POLL`)."""
-        if self._cluster:
-            reply = await self._group_call(self._read_each_feed, start)
-            if not reply and block_ms is not None:
-                await anyio.sleep(min(CLUSTER_IDLE_POLL, block_ms / 1000))
-        else:
-            reply = await self._group_call(
-                self._client.xreadgroup,
-                GROUP,
-                self._consumer,
-                dict.fromkeys(self._keys.feeds(), start),
-                count=self._settings.batch_size,
-                block=block_ms,
-            )
+        """XREADGROUP on every feed: ``>`` for new entries, ``0`` for our own pending ones
+        (see :meth:`~streamstore.topology.Topology.read_group`)."""
+        reply = await self._group_call(
+            self._topology.read_group,
+            GROUP,
+            self._consumer,
+            self._keys.feeds(),
+            start,
+            count=self._settings.batch_size,
+            block_ms=block_ms,
+        )
         out: list[Raw] = []
-        for feed, entries in reply or []:
+        for feed, entries in reply:
             name = feed.decode()
             out.extend((name, entry_id, fields) for entry_id, fields in entries if fields)
         return out
-
-    async def _read_each_feed(self, start: str) -> list[Any]:
-        """One XREADGROUP per feed, without blocking, in one pipeline (for a cluster): up to
-        ``batch_size`` entries from each. A failure on one node raises after the others were
-        read: what they delivered stays pending for us, re-read at our next recovery."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            for feed in self._keys.feeds():
-                pipe.execute_command(
-                    "XREADGROUP",
-                    "GROUP",
-                    GROUP,
-                    self._consumer,
-                    "COUNT",
-                    self._settings.batch_size,
-                    "STREAMS",
-                    feed,
-                    start,
-                    **routed(self._client, feed),
-                )
-            replies: list[Any] = await pipe.execute()
-        return [stream for reply in replies for stream in reply or []]
 
     async def _persist_new(self, *, block_ms: int | None, until: float | None) -> None:
         """Read new entries and persist them until a read finds none (without ``block_ms``),
@@ -460,10 +431,10 @@ class Persister:
         groups at ``0`` and call again: redelivered entries are absorbed by idempotent writes."""
         for attempt in range(2):
             try:
-                with translate_redis_errors():
+                with self._deployment.redis_errors():
                     return await method(*args, **kwargs)
-            except ServerError as exc:
-                if "NOGROUP" not in str(exc) or attempt:
+            except GroupMissingError:
+                if attempt:
                     raise
                 log.warning("persister %s: consumer group missing; recreating", self._consumer)
                 await self._ensure_groups()
@@ -580,9 +551,10 @@ class Persister:
             updated_at=time.time(),
             failing_since=self._failing_since,
             reason=self._failure_reason,
+            unhealthy_after=self._settings.unhealthy_after_s,
         )
         try:
-            with translate_redis_errors():
+            with self._deployment.redis_errors():
                 await self._client.hset(self._keys.workers, self._consumer, value)
         except StreamStoreError as exc:  # Redis down, out of memory, refused: try next turn
             log.debug("persister %s: status not written: %s", self._consumer, exc)
@@ -593,7 +565,7 @@ class Persister:
     async def _remove_status(self) -> None:
         """HDEL this persister's entry (graceful stop); a refusal leaves it to go stale."""
         try:
-            with translate_redis_errors():
+            with self._deployment.redis_errors():
                 await self._client.hdel(self._keys.workers, self._consumer)
         except PermissionDeniedError:
             log.info(
@@ -625,19 +597,17 @@ class Persister:
 
     async def _dead_letter(self, poison: list[_Poison]) -> None:
         """Copy entries with their reason to the dead-letter stream, then acknowledge them
-        (in one MULTI on one server; on a cluster, whose dead-letter stream lives in another
-        slot than the feeds, the copies first and the acknowledgements after: a failure in
-        between dead-letters an entry twice, never not at all)."""
-        with translate_redis_errors():
-            async with self._client.pipeline(transaction=not self._cluster) as pipe:
-                for feed, entry_id, fields, reason in poison:
-                    record = _dead_letter_record(feed, entry_id, fields, reason)
-                    pipe.xadd(self._keys.dead_letters, record)
-                if self._cluster:
-                    await pipe.execute()
-                for feed, entry_id, _, _ in poison:
-                    pipe.xack(feed, GROUP, entry_id)
-                await pipe.execute()
+        (together: in one MULTI on one server; on a cluster, whose dead-letter stream lives in
+        another slot than the feeds, the copies first and the acknowledgements after: a
+        failure in between dead-letters an entry twice, never not at all)."""
+        with self._deployment.redis_errors():
+            await self._topology.together(
+                [
+                    ("XADD", self._keys.dead_letters, "*", *_dead_letter_fields(*entry))
+                    for entry in poison
+                ],
+                [("XACK", feed, GROUP, entry_id) for feed, entry_id, _, _ in poison],
+            )
         self.stats.dead_lettered += len(poison)
         for feed, entry_id, _, reason in poison:
             log.warning(
@@ -653,8 +623,8 @@ class Persister:
         a cluster). A server that lost the scripts (restarted) gets them and the whole
         pipeline again: both steps are idempotent."""
         now_ms = int(time.time() * 1000)
-        hot_ms = int(self._store.settings.hot_tail_s * 1000)
-        with translate_redis_errors():
+        hot_ms = int(self._deployment.settings.hot_tail_s * 1000)
+        with self._deployment.redis_errors():
             for attempt in range(2):
                 try:
                     async with self._client.pipeline(transaction=False) as pipe:
@@ -679,10 +649,12 @@ class Persister:
                     await self._scripts.load(self._client)
 
 
-def _dead_letter_record(
+def _dead_letter_fields(
     feed: str, entry_id: bytes, fields: dict[bytes, bytes], reason: str
-) -> dict[FieldT, EncodableT]:
-    out: dict[FieldT, EncodableT] = {"feed": feed, "id": entry_id, "reason": reason}
+) -> list[EncodableT]:
+    """The dead letter's fields, as XADD takes them: where it came from, why, and the
+    original fields under ``f:`` names."""
+    out: list[EncodableT] = ["feed", feed, "id", entry_id, "reason", reason]
     for name, value in fields.items():
-        out[b"f:" + name] = value
+        out += [b"f:" + name, value]
     return out

@@ -33,11 +33,12 @@ from streamstore.errors import (
     SessionNotFoundError,
     ValidationError,
     WaitTimeoutError,
-    permission_denied,
+    script_refusal,
     translate_redis_errors,
 )
+from streamstore.health import HealthReport, check_deployment
 from streamstore.history import HistoryStore
-from streamstore.keys import GROUP, Keyspace
+from streamstore.keys import Keyspace
 from streamstore.models import (
     STREAM_START,
     Message,
@@ -50,8 +51,8 @@ from streamstore.models import (
     validate_session_id,
 )
 from streamstore.replay import SessionReader
-from streamstore.server_check import ServerInfo, used_memory
-from streamstore.stats import DeadLetter, DeploymentStats, PartitionStats
+from streamstore.server_check import ServerInfo
+from streamstore.stats import DeadLetter, DeploymentStats, read_stats
 
 __all__ = ["StreamStore"]
 
@@ -488,37 +489,21 @@ class StreamStore:
 
         Raises:
             ConnectionLostError: the server cannot be reached.
+            PermissionDeniedError: this Redis user may not read them (XINFO, ZCARD).
         """
-        with translate_redis_errors(user=self._user):
-            memory = await used_memory(self._deployment.topology)  # not in a pipeline
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.xlen(self.keys.dead_letters)
-                pipe.hget(self.keys.deployment, "data_lost_at")
-                for p in range(self.keys.partitions):
-                    pipe.zcard(self.keys.index(p))
-                    pipe.xinfo_stream(self.keys.feed(p))
-                    pipe.xinfo_groups(self.keys.feed(p))
-                replies = await pipe.execute(raise_on_error=False)
-        for reply in replies:  # others: a feed that does not exist yet
-            if isinstance(reply, redis.exceptions.NoPermissionError):
-                raise permission_denied(str(reply), user=self._user) from reply
-        dead, lost = replies[0], replies[1]
-        partitions = []
-        live = 0
-        for p in range(self.keys.partitions):
-            cardinality, stream, groups = replies[2 + 3 * p : 5 + 3 * p]
-            live += cardinality
-            partitions.append(_partition_stats(p, stream, groups))
-        return DeploymentStats(
-            server=self.server.name,
-            server_version=".".join(map(str, self.server.version)),
-            maxmemory_policy=self.server.maxmemory_policy,
-            used_memory=memory,
-            live_sessions=live,
-            dead_letters=int(dead) if isinstance(dead, int) else 0,
-            max_lag=self.settings.max_lag,
-            partitions=partitions,
-            data_lost_at=float(lost) if isinstance(lost, bytes) else None,
+        return await read_stats(self._deployment)
+
+    async def check(
+        self, *, acknowledge_data_loss: bool = False, now: float | None = None
+    ) -> HealthReport:
+        """Whether the deployment is healthy, with the reasons if not and warnings: what
+        ``streamstore check`` reports (see :func:`streamstore.health.check_deployment`).
+
+        Raises:
+            Nothing for an unhealthy deployment (that is the report's content).
+        """
+        return await check_deployment(
+            self._deployment, acknowledge_data_loss=acknowledge_data_loss, now=now
         )
 
     async def acknowledge_data_loss(self) -> None:
@@ -688,23 +673,6 @@ class StreamStore:
         return _cursor(after)
 
 
-def _partition_stats(partition: int, stream: Any, groups: Any) -> PartitionStats:
-    """Stats of one feed from XINFO STREAM and XINFO GROUPS replies (errors: no feed yet)."""
-    info: dict[str, Any] = stream if isinstance(stream, dict) else {}
-    group: dict[str, Any] = {}
-    if isinstance(groups, list):
-        group = next((g for g in groups if g["name"] == GROUP.encode()), {})
-    lag = group.get("lag")
-    return PartitionStats(
-        partition=partition,
-        published=int(info.get("entries-added") or info.get("length") or 0),
-        backlog=int(info.get("length") or 0),
-        lag=None if lag is None else int(lag),
-        pending=int(group.get("pending", 0)),
-        consumers=int(group.get("consumers", 0)),
-    )
-
-
 def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
     """A stream entry's fields as XADD takes them: name, value, name, value ..."""
     return [part for pair in fields.items() for part in pair]
@@ -737,19 +705,9 @@ def _cursor(value: Cursor) -> StreamId:
 
 
 def _raise_script_error(exc: BaseException, session_id: str) -> None:
-    """Turn the scripts' own error replies into typed errors (others propagate unchanged)."""
+    """Raise the typed error of a script's own refusal (others propagate unchanged)."""
     cause = exc.__cause__ if exc.__cause__ is not None else exc
-    if not isinstance(cause, redis.exceptions.ResponseError):
-        return
-    text = str(cause)
-    if text.startswith("SSNOSESSION"):
-        raise SessionNotFoundError(session_id) from None
-    if text.startswith("SSCLOSED"):
-        raise SessionClosedError(session_id, text.split(" ", 1)[1].strip()) from None
-    if text.startswith("SSEXISTS"):
-        raise SessionExistsError(session_id) from None
-    if text.startswith("SSBACKPRESSURE"):
-        raise BackpressureError(
-            f"persistence lags: the partition of session {session_id!r} holds max_lag "
-            "unpersisted messages"
-        ) from None
+    if isinstance(cause, redis.exceptions.ResponseError):
+        refusal = script_refusal(str(cause), session_id)
+        if refusal is not None:
+            raise refusal from None

@@ -81,4 +81,18 @@ async def test_worker_health_reads_every_entry(
         "updated_at": 1.5,
         "failing_since": None,
         "reason": None,
+        "unhealthy_after": None,
     }
+
+
+def test_a_workers_own_threshold_judges_it() -> None:
+    """A worker records its unhealthy_after: `check` in another process, with another
+    setting, judges it as its /healthz does."""
+    own = encode_status(
+        updated_at=NOW, failing_since=NOW - 5, reason="READONLY", unhealthy_after=2.0
+    )
+    assert not judge("w", own, now=NOW, unhealthy_after=30.0, stale_after=600).healthy
+    lenient = encode_status(
+        updated_at=NOW, failing_since=NOW - 5, reason="READONLY", unhealthy_after=60.0
+    )
+    assert judge("w", lenient, now=NOW, unhealthy_after=1.0, stale_after=600).healthy

@@ -245,6 +245,9 @@ async def test_history_read_only_then_writable_recovers_without_restart(
                 await anyio.sleep(0.1)
         judged = await worker_health(raw, store.keys, now=time.time() + 2, unhealthy_after=1)
         assert [(w.consumer, w.healthy, w.stale) for w in judged] == [("w1", False, False)]
+        report = await store.check(now=time.time() + 2)  # `streamstore check`, by its threshold
+        assert not report.healthy
+        assert any("worker w1: history writes failing" in r for r in report.reasons), report
         assert await store.history_store.count_messages(session.id) == persisted_before
         assert await pending(raw, store) > 0  # read, not committed, so not acknowledged
         started = time.monotonic()
