@@ -1,21 +1,25 @@
-"""The one place that turns messages and sessions into Redis fields and back (orjson).
+"""The one place that turns messages and sessions into Redis fields and history rows, and back
+(orjson).
 
 Everything read from Redis arrives as bytes and is decoded here, strictly: an entry that is not
 valid UTF-8 JSON of the expected shape raises :class:`CorruptEntryError` so the persister can
-dead-letter it instead of wedging.
+dead-letter it instead of wedging. History rows (:func:`message_row`, :func:`session_row` and
+their inverses) are the SQL stores' common form; a store adapts only what its dialect needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
 
-from streamstore.errors import CorruptEntryError, ValidationError
+from streamstore.errors import CorruptEntryError, HistoryError, ValidationError
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = [
+    "MessageRow",
+    "SessionRow",
     "decode_feed_entry",
     "decode_message",
     "decode_session_meta",
@@ -23,7 +27,18 @@ __all__ = [
     "encode_metadata",
     "encode_session",
     "message_from_values",
+    "message_row",
+    "messages_from_rows",
+    "session_from_row",
+    "session_row",
 ]
+
+MessageRow = tuple[str, int, int, str, str, str | None, str, str | None, float]
+"""A message in history: session id, stream ms, stream seq, message id, sender, recipient,
+content, metadata (JSON text or None), timestamp."""
+SessionRow = tuple[str, str, float, float, float | None, str, str]
+"""A session snapshot in history: id, participants (JSON text), created_at, last_active_at,
+ttl, metadata (JSON text), state."""
 
 # Field names inside stream entries.
 F_DATA = b"d"
@@ -224,6 +239,104 @@ def decode_session_meta(session_id: str, meta: Mapping[Any, Any]) -> Session:
         )
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
         raise CorruptEntryError(f"session meta is malformed: {type(exc).__name__}") from None
+
+
+def message_row(message: Message) -> MessageRow:
+    """A message as a history row (:data:`MessageRow`).
+
+    Raises:
+        HistoryError: it has no stream id, or its metadata is not JSON-serializable (the
+            text never quotes a value).
+    """
+    if message.stream_id is None:
+        raise HistoryError(f"message {message.id!r} has no stream id; nothing was written")
+    ms, seq = message.stream_id
+    return (
+        message.session_id,
+        ms,
+        seq,
+        message.id,
+        message.sender,
+        message.recipient,
+        message.content,
+        None if message.metadata is None else _row_json(message.metadata, message.id),
+        float(message.timestamp),
+    )
+
+
+def messages_from_rows(session_id: str, rows: Iterable[Sequence[Any]]) -> list[Message]:
+    """Messages of one session from history rows without their session id: (stream ms, stream
+    seq, message id, sender, recipient, content, metadata JSON or None, timestamp). One call
+    per page, the loop here: replay reads every message of history through it."""
+    return [
+        message_from_values(
+            message_id,
+            session_id,
+            sender,
+            content,
+            recipient,
+            None if metadata is None else orjson.loads(metadata),
+            timestamp,
+            StreamId(ms, seq),
+        )
+        for ms, seq, message_id, sender, recipient, content, metadata, timestamp in rows
+    ]
+
+
+def session_row(session: Session) -> SessionRow:
+    """A session snapshot as a history row (:data:`SessionRow`).
+
+    Raises:
+        HistoryError: an unknown state, or metadata that is not JSON-serializable.
+    """
+    try:
+        state = SessionState(session.state).value
+    except ValueError:
+        raise HistoryError(f"session {session.id!r} has an unknown state") from None
+    return (
+        session.id,
+        _row_json(list(session.participants), session.id),
+        float(session.created_at),
+        float(session.last_active_at),
+        None if session.ttl is None else float(session.ttl),
+        _row_json(session.metadata, session.id),
+        state,
+    )
+
+
+def session_from_row(row: Iterable[Any]) -> Session:
+    """A session from a catalog row: (id, participants JSON, created_at, last_active_at, ttl,
+    metadata JSON, state, message_count, last_stream_ms, last_stream_seq)."""
+    (
+        session_id,
+        participants,
+        created_at,
+        last_active_at,
+        ttl,
+        metadata,
+        state,
+        message_count,
+        last_ms,
+        last_seq,
+    ) = row
+    return Session(
+        id=session_id,
+        participants=tuple(orjson.loads(participants)),
+        created_at=created_at,
+        last_active_at=last_active_at,
+        ttl=ttl,
+        metadata=orjson.loads(metadata),
+        state=SessionState(state),
+        message_count=message_count,
+        last_stream_id=None if last_ms is None else StreamId(last_ms, last_seq),
+    )
+
+
+def _row_json(value: object, owner: str) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError; its text may quote the value, so drop it
+        raise HistoryError(f"metadata of {owner!r} is not JSON-serializable") from None
 
 
 def _load_object(payload: object) -> dict[str, Any]:

@@ -7,15 +7,16 @@ for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from streamstore.errors import ConfigurationError
+from streamstore.errors import ConfigurationError, ValidationError
 from streamstore.models import Message, Session, StreamId
 
-__all__ = ["HistoryStore", "RetentionResult", "history_from_url"]
+__all__ = ["HistoryStore", "RetentionResult", "check_retention_limits", "history_from_url"]
 
 
 @runtime_checkable
@@ -99,6 +100,31 @@ class RetentionResult:
 
     messages: int = 0
     sessions: int = 0
+
+
+def check_retention_limits(
+    older_than: float | None, max_messages_per_session: int | None, max_sessions: int | None
+) -> None:
+    """Refuse retention limits that are not numbers of the right kind.
+
+    Raises:
+        ValidationError: ``older_than`` is not a timestamp, or a cap is not a whole number of
+            at least 0.
+    """
+    if older_than is not None and (
+        isinstance(older_than, bool)
+        or not isinstance(older_than, int | float)
+        or math.isnan(older_than)
+    ):
+        raise ValidationError("older_than must be a timestamp in seconds")
+    for name, value in (
+        ("max_messages_per_session", max_messages_per_session),
+        ("max_sessions", max_sessions),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValidationError(f"{name} must be a whole number")
+        if value is not None and value < 0:
+            raise ValidationError(f"{name} must be 0 or more, got {value}")
 
 
 def history_from_url(url: str) -> HistoryStore:

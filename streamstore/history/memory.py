@@ -15,8 +15,7 @@ import anyio.lowlevel
 import orjson
 
 from streamstore.errors import HistoryError
-from streamstore.history import RetentionResult
-from streamstore.history.rows import check_retention_limits
+from streamstore.history import RetentionResult, check_retention_limits
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["MemoryHistory"]

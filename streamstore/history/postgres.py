@@ -20,22 +20,21 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Final, TypeAlias, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlencode
 
 import anyio
 import asyncpg
 import asyncpg.exceptions
 import asyncpg.pool
-import orjson
 
+from streamstore.codec import message_row, messages_from_rows, session_from_row, session_row
 from streamstore.errors import (
     ConfigurationError,
     HistoryCorruptError,
     HistoryError,
     HistoryUnavailableError,
 )
-from streamstore.history import RetentionResult
-from streamstore.history.rows import check_retention_limits, session_from_row
+from streamstore.history.sql import SQLHistory, number_option, seconds, split_url
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["DEFAULT_SCHEMA", "SCHEMA_VERSION", "PostgresHistory"]
@@ -224,9 +223,10 @@ _ADVANCE_SESSIONS: Final = """
 # gives, and with the join alone may scan the whole catalog rather than look the ids up.)
 
 # -- reads --------------------------------------------------------------------------------------
+# The session id is the query's own: not read back.
 _SELECT_MESSAGES: Final = (
-    "SELECT session_id, stream_ms, stream_seq, message_id, sender, recipient, content, metadata,"
-    " timestamp FROM {schema}.messages"
+    "SELECT stream_ms, stream_seq, message_id, sender, recipient, content, metadata, timestamp"
+    " FROM {schema}.messages"
     " WHERE session_id = $1"
     " AND (stream_ms, stream_seq) > ($2::int8, $3::int8)"
     " AND (stream_ms, stream_seq) < ($4::int8, $5::int8)"
@@ -292,7 +292,7 @@ class _Batch:
     message_sessions: list[str]  # the sessions of rows, by id
 
 
-class PostgresHistory:
+class PostgresHistory(SQLHistory):
     """History in one PostgreSQL schema, built from
     ``postgresql://user:password@host:port/database?schema=streamstore`` by :meth:`from_url`.
 
@@ -326,8 +326,8 @@ class PostgresHistory:
         self._dsn = dsn
         self._schema = schema
         self._pool_size = pool_size
-        self._command_timeout = _seconds("command_timeout", command_timeout)
-        self._connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self._command_timeout = seconds("command_timeout", command_timeout)
+        self._connect_timeout = seconds("connect_timeout", connect_timeout)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._retention_chunk = _RETENTION_CHUNK  # tests lower it to see several chunks
         quoted = '"' + schema + '"'  # the name is [a-z0-9_] only: nothing to escape
@@ -345,29 +345,17 @@ class PostgresHistory:
         Raises:
             ConfigurationError: the URL is malformed or an option has an unusable value.
         """
-        try:
-            parts = urlsplit(url)
-            options = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise ConfigurationError("malformed PostgreSQL history URL") from None
         usage = "expected postgresql://user@host:port/database?schema=NAME"
-        if parts.scheme not in ("postgresql", "postgres"):
-            raise ConfigurationError(f"not a postgresql URL: {usage}")
-        if parts.fragment:
-            raise ConfigurationError(f"a postgresql URL has no #fragment: {usage}")
-        ours: dict[str, str] = {}
-        theirs: list[tuple[str, str]] = []
-        for name, value in options:
-            if name in ("schema", "pool_size", "command_timeout", "connect_timeout"):
-                if name in ours:
-                    raise ConfigurationError(f"postgresql URL option {name!r} given twice")
-                ours[name] = value
-            else:
-                theirs.append((name, value))
+        _, ours, theirs = split_url(
+            url,
+            schemes=("postgresql", "postgres"),
+            usage=usage,
+            known=("schema", "pool_size", "command_timeout", "connect_timeout"),
+        )
         settings: dict[str, Any] = {"schema": ours.get("schema", DEFAULT_SCHEMA)}
         for name in ("pool_size", "command_timeout", "connect_timeout"):
             if name in ours:
-                settings[name] = _number(name, ours[name], whole=name == "pool_size")
+                settings[name] = number_option(name, ours[name], whole=name == "pool_size")
         # Not urlunsplit: it would turn postgresql:///db (a local socket) into postgresql:/db.
         dsn = url.partition("?")[0] + (f"?{urlencode(theirs)}" if theirs else "")
         return cls(dsn, **settings)
@@ -479,7 +467,11 @@ class PostgresHistory:
         )
         sql = self._sql.read_descending if newest_first else self._sql.read_ascending
         records = await self._read(_fetch, sql, session_id, *low, *high, min(limit, _MAX_INT64))
-        return [_message_from_record(record) for record in records]
+        # content is bytea (text cannot hold NUL): decoded here, the rest through codec
+        return messages_from_rows(
+            session_id,
+            ((*record[:5], record[5].decode(), *record[6:]) for record in records),
+        )
 
     async def get_session(self, session_id: str) -> Session | None:
         """The catalog entry of a session, or None.
@@ -519,39 +511,6 @@ class PostgresHistory:
         else:
             records = await self._read(_fetch, self._sql.count_session, session_id)
         return int(records[0][0])
-
-    async def enforce_retention(
-        self,
-        *,
-        older_than: float | None = None,
-        max_messages_per_session: int | None = None,
-        max_sessions: int | None = None,
-    ) -> RetentionResult:
-        """Delete what the retention policy no longer keeps and say how much; idempotent.
-
-        See :meth:`streamstore.history.HistoryStore.enforce_retention`. The same passes in the
-        same order as the SQLite store's: the catalog cap, then age, then the per-session cap.
-        Each transaction deletes at most 1000 messages, having locked their sessions' rows in
-        id order (as writes do), so writes interleave and nothing deadlocks; a pass that fails
-        or is cancelled between two of them leaves exact counts behind and the next pass
-        finishes the job. Several processes may run passes at once.
-
-        Raises:
-            ValidationError: a limit is negative or not a number.
-            HistoryUnavailableError: the connection failed or PostgreSQL refused for now; the
-                chunks committed before stay deleted.
-            HistoryError: not open, or PostgreSQL failed.
-        """
-        check_retention_limits(older_than, max_messages_per_session, max_sessions)
-        self._require_pool()
-        messages = sessions = 0
-        if max_sessions is not None:
-            messages, sessions = await self._remove_sessions_beyond(max_sessions)
-        if older_than is not None:
-            messages += await self._delete_older_than(float(older_than))
-        if max_messages_per_session is not None:
-            messages += await self._cap_sessions(max_messages_per_session)
-        return RetentionResult(messages=messages, sessions=sessions)
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -720,6 +679,9 @@ class PostgresHistory:
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    def _require_open(self) -> None:
+        self._require_pool()
+
     def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
         if self._pool is None:
             raise HistoryError("the PostgreSQL history is not open (call open() first)")
@@ -849,7 +811,7 @@ def _encode_batch(messages: Sequence[Message], sessions: Sequence[Session]) -> _
     nothing written. Snapshots of one session fold into one, as if applied in order."""
     snapshots: dict[str, tuple[Any, ...]] = {}
     for session in sessions:
-        params = _session_params(session)
+        params = session_row(session)
         earlier = snapshots.get(session.id)
         if earlier is not None:
             params = (
@@ -862,7 +824,7 @@ def _encode_batch(messages: Sequence[Message], sessions: Sequence[Session]) -> _
         snapshots[session.id] = params
     # In the order given: the persister's is the feeds' (time) order, in which the pk, id and
     # age indexes take each row at their right edge (~5% faster than in position order).
-    rows = [_message_row(message) for message in messages]
+    rows = [_message_row(message) for message in messages]  # bytea content, 64-bit bounds
     first_seen: dict[str, float] = {}
     for row in rows:
         seen = first_seen.get(row[0])
@@ -884,51 +846,17 @@ def _encode_batch(messages: Sequence[Message], sessions: Sequence[Session]) -> _
 
 
 def _message_row(message: Message) -> tuple[Any, ...]:
-    if message.stream_id is None:
-        raise HistoryError(f"message {message.id!r} has no stream id; nothing was written")
-    ms, seq = message.stream_id
-    if not (-_MAX_INT64 <= ms <= _MAX_INT64 and -_MAX_INT64 <= seq <= _MAX_INT64):
+    """codec's row, with this store's bytea content and 64-bit bounds checked."""
+    row = message_row(message)
+    if not (-_MAX_INT64 <= row[1] <= _MAX_INT64 and -_MAX_INT64 <= row[2] <= _MAX_INT64):
         raise HistoryError("a number does not fit PostgreSQL's 64-bit integers")
     try:
-        content = message.content.encode()
+        content = row[6].encode()
     except UnicodeEncodeError:
         raise HistoryError(
             "a message or session holds text that is not valid Unicode (lone surrogate)"
         ) from None
-    return (
-        message.session_id,
-        ms,
-        seq,
-        message.id,
-        message.sender,
-        message.recipient,
-        content,
-        None if message.metadata is None else _json(message.metadata, message.id),
-        float(message.timestamp),
-    )
-
-
-def _session_params(session: Session) -> tuple[Any, ...]:
-    try:
-        state = SessionState(session.state).value
-    except ValueError:
-        raise HistoryError(f"session {session.id!r} has an unknown state") from None
-    return (
-        session.id,
-        _json(list(session.participants), session.id),
-        float(session.created_at),
-        float(session.last_active_at),
-        None if session.ttl is None else float(session.ttl),
-        _json(session.metadata, session.id),
-        state,
-    )
-
-
-def _json(value: object, owner: str) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError; its text may quote the value, so drop it
-        raise HistoryError(f"metadata of {owner!r} is not JSON-serializable") from None
+    return (*row[:6], content, *row[7:])
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> tuple[list[Any], ...]:
@@ -956,20 +884,6 @@ def _advances(stored: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
     )
 
 
-def _message_from_record(record: asyncpg.Record) -> Message:
-    session_id, ms, seq, message_id, sender, recipient, content, metadata, timestamp = record
-    return Message(
-        id=message_id,
-        session_id=session_id,
-        sender=sender,
-        recipient=recipient,
-        content=content.decode(),
-        metadata=None if metadata is None else orjson.loads(metadata),
-        timestamp=timestamp,
-        stream_id=StreamId(ms, seq),
-    )
-
-
 def _clamp(value: int) -> int:
     return max(-_MAX_INT64, min(_MAX_INT64, value))
 
@@ -981,25 +895,6 @@ def _row_count(status: str) -> int:
 
 def _signed32(value: int) -> int:
     return value - 2**32 if value >= 2**31 else value
-
-
-def _seconds(name: str, value: float | timedelta) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86_400:
-        raise ConfigurationError(f"{name} must be more than 0 and at most 86400 s, got {value!r}")
-    return float(value)
-
-
-def _number(name: str, text: str, *, whole: bool) -> float:
-    try:
-        value = int(text) if whole else float(text)
-    except ValueError:
-        kind = "a whole number" if whole else "a number of seconds"
-        raise ConfigurationError(f"{name} must be {kind}, got {text[:20]!r}") from None
-    if not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be finite, got {text[:20]!r}")
-    return value
 
 
 # -- errors -------------------------------------------------------------------------------------

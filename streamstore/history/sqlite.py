@@ -18,13 +18,12 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Final, Literal, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 import anyio
 import anyio.to_thread
-import orjson
 
-from streamstore.codec import message_from_values
+from streamstore.codec import message_row, messages_from_rows, session_from_row, session_row
 from streamstore.crashpoints import crash_if
 from streamstore.errors import (
     ConfigurationError,
@@ -32,8 +31,7 @@ from streamstore.errors import (
     HistoryError,
     HistoryUnavailableError,
 )
-from streamstore.history import RetentionResult
-from streamstore.history.rows import check_retention_limits, session_from_row
+from streamstore.history.sql import SQLHistory, seconds, split_url
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["SCHEMA_VERSION", "SQLiteHistory"]
@@ -260,7 +258,7 @@ _LIST_SESSIONS: Final = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id > ? O
 _T = TypeVar("_T")
 
 
-class SQLiteHistory:
+class SQLiteHistory(SQLHistory):
     """History in one SQLite file, built from ``sqlite:///relative.db`` or
     ``sqlite:////absolute.db`` by :meth:`from_url`.
 
@@ -290,12 +288,8 @@ class SQLiteHistory:
             raise ConfigurationError(
                 f"synchronous must be 'full' or 'normal', got {str(synchronous)[:20]!r}"
             )
-        if isinstance(busy_timeout, timedelta):
-            busy_timeout = busy_timeout.total_seconds()
-        if not 0 <= busy_timeout <= 86_400:
-            raise ConfigurationError(f"busy_timeout must be 0 to 86400 s, got {busy_timeout}")
         self._synchronous: Literal["full", "normal"] = synchronous
-        self._busy_timeout_ms = round(busy_timeout * 1000)
+        self._busy_timeout_ms = round(seconds("busy_timeout", busy_timeout, allow_zero=True) * 1000)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         # Created in open(): anyio primitives need a running event loop.
@@ -322,53 +316,40 @@ class SQLiteHistory:
         Raises:
             ConfigurationError: the URL is malformed or has an unknown or invalid option.
         """
-        try:
-            parts = urlsplit(url)
-        except ValueError as exc:
-            raise ConfigurationError(f"malformed history URL: {exc}") from None
         usage = "expected sqlite:///relative/path.db or sqlite:////absolute/path.db"
-        if parts.scheme != "sqlite":
-            raise ConfigurationError(f"not a sqlite URL: {usage}")
+        parts, options, unknown = split_url(
+            url, schemes=("sqlite",), usage=usage, known=("synchronous", "busy_timeout")
+        )
+        if unknown:
+            raise ConfigurationError(
+                f"unknown sqlite URL option {unknown[0][0][:40]!r}: expected synchronous, "
+                "busy_timeout"
+            )
         if parts.netloc:
             raise ConfigurationError(
                 f"a sqlite URL names a file, not a host ({parts.netloc[:40]!r}): {usage}"
             )
-        if parts.fragment:
-            raise ConfigurationError(f"a sqlite URL has no #fragment: {usage}")
         if not parts.path.startswith("/") or len(parts.path) < 2:
             raise ConfigurationError(f"the sqlite URL has no file path: {usage}")
         path = unquote(parts.path[1:])
-        try:
-            options = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise ConfigurationError("malformed query string in the sqlite URL") from None
-        synchronous: Literal["full", "normal"] = "full"
+        synchronous = options.get("synchronous", "full").lower()
+        if synchronous not in ("full", "normal"):
+            raise ConfigurationError(
+                f"synchronous must be 'full' or 'normal', got {synchronous[:20]!r}"
+            )
         busy_timeout = _DEFAULT_BUSY_TIMEOUT
-        seen: set[str] = set()
-        for name, value in options:
-            if name in seen:
-                raise ConfigurationError(f"sqlite URL option {name!r} given twice")
-            seen.add(name)
-            if name == "synchronous":
-                if value.lower() == "full":
-                    synchronous = "full"
-                elif value.lower() == "normal":
-                    synchronous = "normal"
-                else:
-                    raise ConfigurationError(
-                        f"synchronous must be 'full' or 'normal', got {value[:20]!r}"
-                    )
-            elif name == "busy_timeout":
-                if not value.isdigit() or not value.isascii():
-                    raise ConfigurationError(
-                        f"busy_timeout is a whole number of milliseconds, got {value[:20]!r}"
-                    )
-                busy_timeout = int(value) / 1000
-            else:
+        if "busy_timeout" in options:
+            value = options["busy_timeout"]
+            if not value.isdigit() or not value.isascii():
                 raise ConfigurationError(
-                    f"unknown sqlite URL option {name[:40]!r}: expected synchronous, busy_timeout"
+                    f"busy_timeout is a whole number of milliseconds, got {value[:20]!r}"
                 )
-        return cls(path, synchronous=synchronous, busy_timeout=busy_timeout)
+            busy_timeout = int(value) / 1000
+        return cls(
+            path,
+            synchronous="normal" if synchronous == "normal" else "full",
+            busy_timeout=busy_timeout,
+        )
 
     @property
     def path(self) -> str:
@@ -452,7 +433,7 @@ class SQLiteHistory:
         params = (session_id, *low, *high, limit)
         sql = _READ_DESCENDING if newest_first else _READ_ASCENDING
         rows = await self._run(False, _fetch_all, sql, params)
-        return _messages_from_rows(session_id, rows)
+        return messages_from_rows(session_id, rows)
 
     async def get_session(self, session_id: str) -> Session | None:
         """The catalog entry of a session, or None.
@@ -488,38 +469,6 @@ class SQLiteHistory:
             sql = "SELECT COUNT(*) FROM messages WHERE session_id = ?"
             rows = await self._run(False, _fetch_all, sql, (session_id,))
         return int(rows[0][0])
-
-    async def enforce_retention(
-        self,
-        *,
-        older_than: float | None = None,
-        max_messages_per_session: int | None = None,
-        max_sessions: int | None = None,
-    ) -> RetentionResult:
-        """Delete what the retention policy no longer keeps and say how much; idempotent.
-
-        See :meth:`streamstore.history.HistoryStore.enforce_retention`. The catalog cap goes
-        first (what it removes needs no other pass), then age, then the per-session cap. Each
-        transaction deletes at most 1000 messages and takes the writer slot anew, so writes
-        interleave; a pass that fails or is cancelled between two of them leaves exact counts
-        behind and the next pass finishes the job. When more sessions are active than
-        ``max_sessions`` allows, every ended session goes and the catalog stays above the cap.
-
-        Raises:
-            ValidationError: a limit is negative or not a number.
-            HistoryError: not open, the database stayed locked for longer than
-                ``busy_timeout``, or SQLite failed; the chunks committed before stay deleted.
-        """
-        check_retention_limits(older_than, max_messages_per_session, max_sessions)
-        self._connection(write=True)
-        messages = sessions = 0
-        if max_sessions is not None:
-            messages, sessions = await self._remove_sessions_beyond(max_sessions)
-        if older_than is not None:
-            messages += await self._delete_older_than(float(older_than))
-        if max_messages_per_session is not None:
-            messages += await self._cap_sessions(max_messages_per_session)
-        return RetentionResult(messages=messages, sessions=sessions)
 
     # -- retention ----------------------------------------------------------------------------
 
@@ -575,6 +524,9 @@ class SQLiteHistory:
         return messages, sessions
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        self._connection(write=True)
 
     def _connection(self, *, write: bool) -> sqlite3.Connection:
         connection = self._writer if write else self._reader
@@ -767,8 +719,8 @@ def _write_batch_sync(
     connection: sqlite3.Connection, messages: list[Message], sessions: list[Session]
 ) -> int:
     # Everything is encoded before BEGIN: an unencodable message fails with nothing written.
-    snapshots = [_session_params(session) for session in sessions]
-    rows = sorted(map(_message_row, messages), key=_POSITION)  # ascending index inserts
+    snapshots = [session_row(session) for session in sessions]
+    rows = sorted(map(message_row, messages), key=_POSITION)  # ascending index inserts
     connection.execute("BEGIN IMMEDIATE")
     try:
         inserted = _apply_batch(connection, snapshots, rows, session_by_session=False)
@@ -952,23 +904,6 @@ _SESSION_ID: Final = operator.itemgetter(0)
 _TIMESTAMP: Final = operator.itemgetter(8)
 
 
-def _message_row(message: Message) -> tuple[Any, ...]:
-    if message.stream_id is None:
-        raise HistoryError(f"message {message.id!r} has no stream id; nothing was written")
-    ms, seq = message.stream_id
-    return (
-        message.session_id,
-        ms,
-        seq,
-        message.id,
-        message.sender,
-        message.recipient,
-        message.content,
-        None if message.metadata is None else _json(message.metadata, message.id),
-        message.timestamp,
-    )
-
-
 def _insert_rows(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
     """INSERT OR IGNORE message rows, in their order (their pks ascend likewise); return how
     many were new (total_changes does not count ignored rows)."""
@@ -1040,50 +975,10 @@ def _is_stored(connection: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
     return stored is not None and stored[0] == row[3]
 
 
-def _session_params(session: Session) -> tuple[Any, ...]:
-    try:
-        state = SessionState(session.state).value
-    except ValueError:
-        raise HistoryError(f"session {session.id!r} has an unknown state") from None
-    return (
-        session.id,
-        _json(list(session.participants), session.id),
-        session.created_at,
-        session.last_active_at,
-        session.ttl,
-        _json(session.metadata, session.id),
-        state,
-    )
-
-
-def _json(value: object, owner: str) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError; its text may quote the value, so drop it
-        raise HistoryError(f"metadata of {owner!r} is not JSON-serializable") from None
-
-
 def _fetch_all(
     connection: sqlite3.Connection, sql: str, params: tuple[Any, ...]
 ) -> list[tuple[Any, ...]]:
     return connection.execute(sql, params).fetchall()
-
-
-def _messages_from_rows(session_id: str, rows: list[tuple[Any, ...]]) -> list[Message]:
-    """Messages of one session from rows of _MESSAGE_COLUMNS."""
-    return [
-        message_from_values(
-            message_id,
-            session_id,
-            sender,
-            content,
-            recipient,
-            None if metadata is None else orjson.loads(metadata),
-            timestamp,
-            StreamId(ms, seq),
-        )
-        for ms, seq, message_id, sender, recipient, content, metadata, timestamp in rows
-    ]
 
 
 def _rollback(connection: sqlite3.Connection) -> None:
