@@ -24,9 +24,9 @@ from streamstore.errors import (
     WaitTimeoutError,
 )
 from streamstore.models import Message, Session, SessionState, StreamId
-from streamstore.persister import Persister, PersisterStats
 from streamstore.store import StreamStore
-from streamstore.sweeper import Sweeper, SweepReport
+from streamstore.workers.persister import Persister, PersisterStats
+from streamstore.workers.sweeper import Sweeper, SweepReport
 
 __all__ = [
     "BackpressureError",

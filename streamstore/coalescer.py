@@ -7,7 +7,7 @@ script (on a cluster, one call per partition, since a script may only touch one 
 calls in one pipeline. When the round is answered, every waiting publish wakes: the answered
 ones return and the first of the others leads the next round. So 100 concurrent publishers
 cost a few round trips and a few script runs, not 100 of each, and hold two connections (kept
-out of the pool, see :mod:`streamstore.held`), not 100 — with no background task to own (the
+out of the pool, see :mod:`streamstore.redis.held`), not 100 — with no background task to own (the
 store stays usable from any task). The queue is bounded: beyond it, callers wait for a round.
 
 Each caller's batch stays atomic on its own inside a merged call (publish.lua checks and
@@ -28,8 +28,8 @@ import anyio.lowlevel
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from streamstore.held import HeldConnection
-from streamstore.topology import Topology
+from streamstore.redis.held import HeldConnection
+from streamstore.redis.topology import Topology
 
 __all__ = ["PublishBatch", "PublishCoalescer"]
 

@@ -19,14 +19,14 @@ import anyio
 import anyio.to_thread
 
 from streamstore.config import Settings
-from streamstore.connection import Client, connect, url_user
-from streamstore.embedded import EmbeddedServer
 from streamstore.errors import translate_redis_errors
 from streamstore.history import HistoryStore, history_from_url
 from streamstore.keys import Keyspace
-from streamstore.scripts import Scripts
-from streamstore.server_check import ServerInfo, check_server
-from streamstore.topology import Topology, topology_of
+from streamstore.redis.connection import Client, connect, url_user
+from streamstore.redis.embedded import EmbeddedServer
+from streamstore.redis.scripts import Scripts
+from streamstore.redis.server_check import ServerInfo, check_server
+from streamstore.redis.topology import Topology, topology_of
 
 __all__ = ["Deployment", "HasDeployment", "deployment_of"]
 

@@ -15,7 +15,6 @@ import orjson
 from redis.asyncio import Redis, RedisCluster
 
 from streamstore.config import PersisterSettings
-from streamstore.connection import redact_url
 from streamstore.deployment import Deployment
 from streamstore.errors import (
     ConnectionLostError,
@@ -24,7 +23,8 @@ from streamstore.errors import (
     translate_redis_errors,
 )
 from streamstore.keys import Keyspace
-from streamstore.server_check import ServerInfo
+from streamstore.redis.connection import redact_url
+from streamstore.redis.server_check import ServerInfo
 from streamstore.stats import read_stats
 
 __all__ = [

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import anyio
 
 from streamstore.codec import F_DATA, decode_message
-from streamstore.connection import is_transient
 from streamstore.deployment import Deployment
 from streamstore.errors import (
     ConnectionLostError,
@@ -27,6 +26,7 @@ from streamstore.errors import (
     translate_redis_errors,
 )
 from streamstore.models import STREAM_START, Message, SessionState, StreamId
+from streamstore.redis.connection import is_transient
 
 __all__ = ["SessionReader"]
 

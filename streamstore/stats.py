@@ -10,7 +10,7 @@ import redis.exceptions
 from streamstore.deployment import Deployment
 from streamstore.errors import permission_denied
 from streamstore.keys import GROUP
-from streamstore.server_check import used_memory
+from streamstore.redis.server_check import used_memory
 
 __all__ = ["DeadLetter", "DeploymentStats", "PartitionStats", "read_stats"]
 

@@ -22,7 +22,6 @@ from streamstore.codec import (
     message_from_values,
 )
 from streamstore.config import Settings
-from streamstore.connection import Client, is_transient
 from streamstore.deployment import Deployment
 from streamstore.errors import (
     BackpressureError,
@@ -50,8 +49,9 @@ from streamstore.models import (
     validate_name,
     validate_session_id,
 )
+from streamstore.redis.connection import Client, is_transient
+from streamstore.redis.server_check import ServerInfo
 from streamstore.replay import SessionReader
-from streamstore.server_check import ServerInfo
 from streamstore.stats import DeadLetter, DeploymentStats, read_stats
 
 __all__ = ["StreamStore"]

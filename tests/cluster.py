@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from streamstore.embedded import find_server_binary
+from streamstore.redis.embedded import find_server_binary
 
 SLOTS = 16384
 BUS_PORT_OFFSET = 10000

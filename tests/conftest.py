@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio
 
 from streamstore import Settings, StreamStore
-from streamstore.embedded import EmbeddedServer
+from streamstore.redis.embedded import EmbeddedServer
 from tests.cluster import LocalCluster
 from tests.faults.tally import Tally
 

@@ -41,9 +41,9 @@ from streamstore import (
     Sweeper,
     SweeperSettings,
 )
-from streamstore.embedded import find_server_binary
 from streamstore.errors import EmbeddedServerError
 from streamstore.keys import GROUP, Keyspace
+from streamstore.redis.embedded import find_server_binary
 from tests.cluster import LocalCluster
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -28,10 +29,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import streamstore
 from streamstore import Persister, PersisterSettings, Settings, StreamStore
-from streamstore import cli as cli_module
-from streamstore.cli import _parser, main
-from streamstore.embedded import EmbeddedServer
+from streamstore.cli import DISTRIBUTION, commands, main
+from streamstore.cli.parser import build_parser
 from streamstore.errors import ValidationError
+from streamstore.redis.embedded import EmbeddedServer
 
 ROOT = Path(streamstore.__file__).resolve().parent.parent
 LINE = re.compile(r"^(\d+-\d+) (\S+) -> (\S+): (.*)$")
@@ -191,9 +192,10 @@ def test_help_has_examples_and_usage_errors_exit_2(capsys: pytest.CaptureFixture
 
 
 def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
-    (distribution, *_) = importlib.metadata.packages_distributions()["streamstore"]
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == DISTRIBUTION
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"streamstore {importlib.metadata.version(distribution)}\n"
+    assert capsys.readouterr().out == f"streamstore {importlib.metadata.version(DISTRIBUTION)}\n"
 
 
 def test_every_option_and_positional_has_help() -> None:
@@ -207,7 +209,7 @@ def test_every_option_and_positional_has_help() -> None:
                 for name, sub in action.choices.items():
                     yield from walk(sub, f"{path} {name}")
 
-    actions = list(walk(_parser(), "streamstore"))
+    actions = list(walk(build_parser(), "streamstore"))
     assert len(actions) > 150  # every command and action, each with the global options
     for path, action in actions:
         assert action.help, (path, action.option_strings or action.dest)
@@ -254,7 +256,7 @@ def _globals(args: argparse.Namespace) -> tuple[object, ...]:
     ids=" ".join,
 )
 def test_global_options_go_before_or_after_the_command(command: list[str]) -> None:
-    parse = _parser().parse_args
+    parse = build_parser().parse_args
     assert _globals(parse(command)) == (None, None, None, None, False, False)
     assert _globals(parse([*GLOBAL_OPTIONS, *command])) == GIVEN
     assert _globals(parse([*command, *GLOBAL_OPTIONS])) == GIVEN
@@ -275,7 +277,7 @@ def test_an_unexpected_error_is_one_line_and_exit_70(
     async def broken(args: argparse.Namespace) -> int:
         raise RuntimeError("boom\nand the rest")
 
-    monkeypatch.setattr(cli_module, "_stats", broken)
+    monkeypatch.setattr(commands, "stats_command", broken)
     assert main(["stats"]) == 70
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -311,7 +313,7 @@ def test_what_a_command_raises_maps_to_one_exit_status(
     async def failing(args: argparse.Namespace) -> int:
         raise raised
 
-    monkeypatch.setattr(cli_module, "_stats", failing)
+    monkeypatch.setattr(commands, "stats_command", failing)
     assert main(["stats"]) == code
     assert capsys.readouterr().err == ("" if err is None else f"streamstore: {err}\n")
 

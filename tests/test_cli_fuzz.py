@@ -23,13 +23,13 @@ import redis
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from streamstore.cli import (
+from streamstore.cli import main
+from streamstore.cli.output import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_SOFTWARE,
     EXIT_UNHEALTHY,
     EXIT_USAGE,
-    main,
 )
 
 DOCUMENTED = {EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNHEALTHY, EXIT_SOFTWARE}

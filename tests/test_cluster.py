@@ -32,11 +32,11 @@ from streamstore import (
     Sweeper,
     SweeperSettings,
 )
-from streamstore.connection import CONNECTION_CLASSES, connect, redact_url
-from streamstore.embedded import EmbeddedServer
 from streamstore.errors import ConnectionLostError, StreamStoreError
-from streamstore.server_check import _describe
-from streamstore.topology import topology_of
+from streamstore.redis.connection import CONNECTION_CLASSES, connect, redact_url
+from streamstore.redis.embedded import EmbeddedServer
+from streamstore.redis.server_check import _describe
+from streamstore.redis.topology import topology_of
 from tests.cluster import LocalCluster, TlsFiles
 from tests.faults.tally import Tally
 from tests.test_persister import (  # noqa: F401  (collected again here, on the cluster)
@@ -317,7 +317,7 @@ async def test_plain_url_to_a_cluster_node_warns(
 ) -> None:
     client = connect(f"redis://127.0.0.1:{redis_cluster.nodes[0].port}", Settings())
     try:
-        with caplog.at_level(logging.WARNING, logger="streamstore.server_check"):
+        with caplog.at_level(logging.WARNING, logger="streamstore.redis.server_check"):
             await _describe(topology_of(client))
     finally:
         await client.aclose()
@@ -335,7 +335,7 @@ async def test_eviction_policy_is_checked_on_every_primary(
         with pytest.raises(EvictionPolicyError, match="allkeys-lru"):
             async with StreamStore.open(settings=settings):
                 pass
-        with caplog.at_level(logging.WARNING, logger="streamstore.server_check"):
+        with caplog.at_level(logging.WARNING, logger="streamstore.redis.server_check"):
             async with StreamStore.open(settings=settings.replace(eviction_check="warn")) as s:
                 assert s.server.maxmemory_policy == "allkeys-lru"
         assert "primaries disagree on maxmemory-policy" in caplog.text

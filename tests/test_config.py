@@ -17,7 +17,7 @@ from streamstore import (
     StreamStore,
     SweeperSettings,
 )
-from streamstore.embedded import EmbeddedServer
+from streamstore.redis.embedded import EmbeddedServer
 
 
 def test_durations_accept_timedelta_and_are_normalized() -> None:

@@ -12,11 +12,12 @@ import redis.asyncio
 import redis.exceptions
 from redis.asyncio.connection import Connection
 
-from streamstore import Message, Settings, StreamId, StreamStore, _fastpath
-from streamstore._fastpath import DirectExchange, HiredisPacking
-from streamstore.connection import CONNECTION_CLASSES
-from streamstore.embedded import EmbeddedServer
-from streamstore.held import HeldConnection
+from streamstore import Message, Settings, StreamId, StreamStore
+from streamstore.redis import _fastpath
+from streamstore.redis._fastpath import DirectExchange, HiredisPacking
+from streamstore.redis.connection import CONNECTION_CLASSES
+from streamstore.redis.embedded import EmbeddedServer
+from streamstore.redis.held import HeldConnection
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from streamstore import Settings
-from streamstore.persister import COMMIT_DEADLINE
+from streamstore.workers.persister import COMMIT_DEADLINE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

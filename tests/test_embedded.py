@@ -1,4 +1,4 @@
-"""Tests for streamstore.embedded: a private server started, killed, paused and restarted."""
+"""Tests for streamstore.redis.embedded: a private server started, killed, paused and restarted."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
-import streamstore.embedded as embedded
-from streamstore.embedded import EmbeddedServer, find_server_binary
+import streamstore.redis.embedded as embedded
 from streamstore.errors import ConfigurationError, EmbeddedServerError
+from streamstore.redis.embedded import EmbeddedServer, find_server_binary
 
 SYSTEM_REDIS = Path("/usr/bin/redis-server")
 
@@ -271,7 +271,7 @@ def test_data_dir_lock_holds_across_processes(
     server.start()
     code = (
         "import sys\n"
-        "from streamstore.embedded import EmbeddedServer\n"
+        "from streamstore.redis.embedded import EmbeddedServer\n"
         "from streamstore.errors import EmbeddedServerError\n"
         "try:\n"
         "    EmbeddedServer(data_dir=sys.argv[1]).start()\n"

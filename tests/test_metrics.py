@@ -1,9 +1,9 @@
-"""streamstore.metrics: the worker's /metrics exposition, in process."""
+"""streamstore.workers.metrics: the worker's /metrics exposition, in process."""
 
 from __future__ import annotations
 
 from streamstore import Persister, PersisterSettings, StreamStore
-from streamstore.metrics import WorkerMetrics
+from streamstore.workers.metrics import WorkerMetrics
 
 
 async def test_metrics_have_no_created_series(store: StreamStore) -> None:

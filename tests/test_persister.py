@@ -24,10 +24,10 @@ from streamstore import (
     Settings,
     StreamStore,
 )
-from streamstore.embedded import EmbeddedServer
 from streamstore.history import history_from_url
 from streamstore.history.memory import MemoryHistory
 from streamstore.keys import GROUP
+from streamstore.redis.embedded import EmbeddedServer
 from tests.faults.tally import Tally
 from tests.workers import Worker
 

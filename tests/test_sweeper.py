@@ -23,7 +23,7 @@ from streamstore import (
     Sweeper,
     SweeperSettings,
 )
-from streamstore.embedded import EmbeddedServer
+from streamstore.redis.embedded import EmbeddedServer
 from tests.workers import Worker
 
 

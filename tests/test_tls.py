@@ -20,9 +20,9 @@ import pytest
 import redis
 
 from streamstore import ConfigurationError, Settings, StreamStore
-from streamstore.connection import connect
-from streamstore.embedded import EmbeddedServer
 from streamstore.errors import ConnectionLostError
+from streamstore.redis.connection import connect
+from streamstore.redis.embedded import EmbeddedServer
 
 REDIS_SERVER = "/usr/bin/redis-server"  # a symlink named for its mode: run it by this path
 
@@ -280,7 +280,7 @@ async def test_client_certificate(
 
 
 def test_credentials_never_appear_in_errors() -> None:
-    from streamstore.connection import redact_url  # noqa: PLC0415
+    from streamstore.redis.connection import redact_url  # noqa: PLC0415
 
     assert redact_url("rediss://worker:s3cret@redis.internal:6380/0") == (
         "rediss://worker:***@redis.internal:6380/0"

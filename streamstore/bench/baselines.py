@@ -18,10 +18,10 @@ from redis.typing import EncodableT, FieldT
 
 from streamstore.bench.workload import CONTENT, READ_COUNT, RECIPIENT, SENDER
 from streamstore.config import Settings
-from streamstore.connection import Client
 from streamstore.errors import HistoryUnavailableError
 from streamstore.history import history_from_url
-from streamstore.topology import topology_of
+from streamstore.redis.connection import Client
+from streamstore.redis.topology import topology_of
 
 if TYPE_CHECKING:
     import asyncpg
@@ -66,7 +66,8 @@ def raw_client(url: str, settings: Settings) -> Client:
     """The baseline's client, made as a user would with stock redis-py: ``Redis.from_url``, or
     ``RedisCluster.from_url`` on the first node of a ``redis+cluster://`` URL (it finds the
     others), with the TLS files of ``settings`` for ``rediss``. Not
-    :func:`streamstore.connection.connect`: its hiredis packing is part of what is measured."""
+    :func:`streamstore.redis.connection.connect`: its hiredis packing is part of what is
+    measured."""
     parts = urlsplit(url)
     scheme = parts.scheme.removesuffix("+cluster")
     tls: dict[str, Any] = {}

@@ -19,7 +19,7 @@ from streamstore.bench.report import BenchReport, Figure
 from streamstore.bench.steps import Bench, delete_keys, new_prefix
 from streamstore.bench.workload import CONCURRENCY, Options
 from streamstore.config import Settings
-from streamstore.connection import redact_url
+from streamstore.redis.connection import redact_url
 from streamstore.store import StreamStore
 
 

@@ -26,10 +26,10 @@ from streamstore.bench.hold import hold_step
 from streamstore.bench.report import Figure
 from streamstore.bench.workload import BATCH, CONTENT, RECIPIENT, SENDER, Options
 from streamstore.config import PersisterSettings, Settings
-from streamstore.connection import Client
 from streamstore.keys import Keyspace
-from streamstore.persister import Persister
+from streamstore.redis.connection import Client
 from streamstore.store import StreamStore
+from streamstore.workers.persister import Persister
 
 _HEAD_START: Final = 0.1
 """Seconds a latency reader gets to issue its first blocking read before publishing starts,

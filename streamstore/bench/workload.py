@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from streamstore.cli_types import positive_float, positive_int
+from streamstore.cli.types import positive_float, positive_int
 
 CONTENT: Final = ("The planner asked the critic to check the Lisbon itinerary once more. " * 3)[
     :200

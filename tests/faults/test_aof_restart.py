@@ -28,7 +28,7 @@ from streamstore import (
     Settings,
     StreamStore,
 )
-from streamstore.server_check import drops_script_writes
+from streamstore.redis.server_check import drops_script_writes
 from tests.faults.tally import Tally, record
 from tests.test_acl import (
     ADMIN,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from streamstore.embedded import EmbeddedServer
 from streamstore.errors import EmbeddedServerError
+from streamstore.redis.embedded import EmbeddedServer
 from tests.faults.tally import Tally, record
 
 TallyFactory = Callable[[str, str, str], Tally]
@@ -31,7 +31,7 @@ BOUND_S = 10.0  # generous: the machine is shared; the measured time is recorded
 # unnoticed while the child lives), prints the pids, then waits to be killed.
 OWNER = """
 import json, subprocess, sys, time
-from streamstore.embedded import EmbeddedServer
+from streamstore.redis.embedded import EmbeddedServer
 from streamstore.errors import EmbeddedServerError
 server = EmbeddedServer(data_dir=sys.argv[1], appendfsync="always")
 server.start()
@@ -184,7 +184,7 @@ def test_orphaned_server_is_stopped_by_the_next_owner(
 
     started = time.monotonic()
     server = servers(data_dir)
-    with caplog.at_level(logging.WARNING, logger="streamstore.embedded"):
+    with caplog.at_level(logging.WARNING, logger="streamstore.redis.embedded"):
         server.start()
     takeover_s = time.monotonic() - started
     with redis.Redis.from_url(server.url) as r:

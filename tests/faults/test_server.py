@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from streamstore import Message, Persister, PersisterSettings, Settings, StreamStore
-from streamstore.embedded import EmbeddedServer
+from streamstore.redis.embedded import EmbeddedServer
 from tests.faults.tally import Tally, record
 
 TallyFactory = Callable[[str, str, str], Tally]

@@ -21,7 +21,6 @@ import redis.asyncio.connection
 import redis.exceptions
 
 from streamstore.config import Settings
-from streamstore.connection import Client, connect_timeout
 from streamstore.errors import (
     BackpressureError,
     ConfigurationError,
@@ -33,8 +32,9 @@ from streamstore.errors import (
     translate_redis_errors,
 )
 from streamstore.keys import GROUP, Keyspace
-from streamstore.scripts import Scripts
-from streamstore.topology import Topology, topology_of
+from streamstore.redis.connection import Client, connect_timeout
+from streamstore.redis.scripts import Scripts
+from streamstore.redis.topology import Topology, topology_of
 
 __all__ = ["ServerInfo", "check_server", "drops_script_writes", "used_memory"]
 

@@ -25,14 +25,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.typing import EncodableT
 
-from streamstore._fastpath import ENABLED as fast_path_enabled
-from streamstore._fastpath import DirectExchange, HiredisPacking
 from streamstore.config import Settings
 from streamstore.errors import (
     ConfigurationError,
     ConnectionLostError,
     ServerError,
 )
+from streamstore.redis._fastpath import ENABLED as fast_path_enabled
+from streamstore.redis._fastpath import DirectExchange, HiredisPacking
 
 __all__ = [
     "CONNECTION_CLASSES",
@@ -322,5 +322,6 @@ CONNECTION_CLASSES: Final[dict[str, type[redis.asyncio.connection.AbstractConnec
     if fast_path_enabled
     else {"redis": _TCPConnection, "rediss": _TLSConnection, "unix": _UnixConnection}
 )
-"""The connection class of each plain scheme: with the fast path (:mod:`streamstore._fastpath`)
-when it is enabled, else redis-py's own with streamstore's repairs."""
+"""The connection class of each plain scheme: with the fast path
+(:mod:`streamstore.redis._fastpath`) when it is enabled, else redis-py's own with streamstore's
+repairs."""

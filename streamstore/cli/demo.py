@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import anyio
 
 from streamstore.models import Message
-from streamstore.persister import Persister
 from streamstore.store import StreamStore
+from streamstore.workers.persister import Persister
 
 __all__ = ["DemoReport", "run_demo"]
 

@@ -33,9 +33,9 @@ from prometheus_client.registry import Collector
 from streamstore.deployment import Deployment, HasDeployment, deployment_of
 from streamstore.errors import ConfigurationError, StreamStoreError
 from streamstore.health import server_findings
-from streamstore.persister import Persister, PersisterStats
 from streamstore.stats import DeploymentStats, read_stats
-from streamstore.sweeper import SweepReport
+from streamstore.workers.persister import Persister, PersisterStats
+from streamstore.workers.sweeper import SweepReport
 
 __all__ = ["WorkerMetrics"]
 

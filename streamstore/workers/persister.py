@@ -11,9 +11,9 @@ On one server, new entries of all feeds come from one blocking XREADGROUP. A Red
 refuses a command on keys of several slots, and a blocking read of one feed would leave the
 others waiting, so there each feed is read without blocking, all in one pipeline (one round
 trip per node, the nodes in parallel), and when every feed is empty the persister pauses
-:data:`~streamstore.topology.CLUSTER_IDLE_POLL` before reading again (the deployment's
-:class:`~streamstore.topology.Topology` does either): that bounds the added latency, and an idle
-worker costs each node a few cheap reads per pause.
+:data:`~streamstore.redis.topology.CLUSTER_IDLE_POLL` before reading again (the
+deployment's :class:`~streamstore.redis.topology.Topology` does either): that bounds the added
+latency, and an idle worker costs each node a few cheap reads per pause.
 
 While running, a persister keeps its entry in the deployment's workers hash
 (:mod:`streamstore.health`): since when its history writes have been failing and why, rewritten
@@ -345,7 +345,7 @@ class Persister:
 
     async def _read(self, start: str, *, block_ms: int | None) -> list[Raw]:
         """XREADGROUP on every feed: ``>`` for new entries, ``0`` for our own pending ones
-        (see :meth:`~streamstore.topology.Topology.read_group`)."""
+        (see :meth:`~streamstore.redis.topology.Topology.read_group`)."""
         reply = await self._group_call(
             self._topology.read_group,
             GROUP,

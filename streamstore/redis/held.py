@@ -7,8 +7,8 @@ on a quiet loopback (about 70 µs against 70 µs here, measured with ``time.proc
 A path that sends one exchange at a time (the coalescer's direct publish, its leader's
 pipeline) can instead keep one connection and write to it directly: same connection class,
 same packing and timeouts, without the checkout. The connections streamstore makes
-(:func:`streamstore.connection.connect`) also skip redis-py's reply machinery: they write and
-read their streams directly (:func:`streamstore._fastpath.exchange`).
+(:func:`streamstore.redis.connection.connect`) also skip redis-py's reply machinery: they write and
+read their streams directly (:func:`streamstore.redis._fastpath.exchange`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.typing import EncodableT
 
-from streamstore._fastpath import exchange
+from streamstore.redis._fastpath import exchange
 
 __all__ = ["HeldConnection"]
 

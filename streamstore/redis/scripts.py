@@ -19,10 +19,10 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 
 from streamstore.codec import encode_session
-from streamstore.connection import Client
 from streamstore.errors import name_script
 from streamstore.keys import GROUP, Keyspace
 from streamstore.models import Session, StreamId
+from streamstore.redis.connection import Client
 
 __all__ = ["ROLES", "Scripts"]
 
@@ -40,7 +40,7 @@ ROLES: Final = {
 
 
 def _load(client: Client, name: str) -> AsyncScript:
-    source = resources.files("streamstore").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    source = resources.files("streamstore.redis").joinpath("lua", f"{name}.lua").read_text("utf-8")
     script = client.register_script(source)
     name_script(script.sha, name.replace("_", " "), ROLES[name])
     return script

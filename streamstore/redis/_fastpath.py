@@ -62,7 +62,7 @@ class HiredisPacking:
 class DirectExchange(redis.asyncio.connection.AbstractConnection):
     """Sends commands and reads their replies straight on the connection's streams, with a
     hiredis reader of its own: for a connection held out of the pool by one owner
-    (:mod:`streamstore.held`, through :func:`exchange`). redis-py's ``send_packed_command``
+    (:mod:`streamstore.redis.held`, through :func:`exchange`). redis-py's ``send_packed_command``
     and ``read_response`` add health checks, a timeout context per reply,
     maintenance-notification and push handling and observability hooks: about 30 µs of CPU
     per exchange on top of the ~50 µs that the loopback round trip itself costs the event

@@ -24,8 +24,8 @@ import redis.asyncio.connection
 from redis.asyncio import Redis, RedisCluster
 from redis.typing import EncodableT
 
-from streamstore.connection import DEFAULT_PORT, Client
-from streamstore.held import HeldConnection
+from streamstore.redis.connection import DEFAULT_PORT, Client
+from streamstore.redis.held import HeldConnection
 
 __all__ = ["CLUSTER_IDLE_POLL", "Topology", "topology_of"]
 
@@ -250,7 +250,7 @@ class _Cluster(Topology):
 
 
 def topology_of(client: Client) -> Topology:
-    """The topology of a client made by :func:`streamstore.connection.connect` (or any
+    """The topology of a client made by :func:`streamstore.redis.connection.connect` (or any
     redis-py asyncio client)."""
     if isinstance(client, RedisCluster):
         return _Cluster(client)
