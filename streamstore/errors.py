@@ -18,6 +18,7 @@
     │   │   └── ScriptReplayError             a restart would drop the scripts' writes
     │   ├── GroupMissingError                 a feed has no consumer group (NOGROUP)
     │   ├── GroupExistsError                  the consumer group exists already (BUSYGROUP)
+    │   ├── DatabaseMissingError              the URL's database number does not exist
     │   └── EmbeddedServerError               the private server could not be started
     ├── ConnectionLostError (ConnectionError) the server could not be reached
     ├── HistoryError                          the history store failed
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
     "CorruptEntryError",
+    "DatabaseMissingError",
     "EmbeddedServerError",
     "EvictionPolicyError",
     "GroupExistsError",
@@ -212,6 +214,10 @@ _COMMAND = re.compile(r"to run the '([A-Za-z|_-]+)' command")
 _SHA = re.compile(r"script: ([0-9a-f]{40})")
 
 
+class DatabaseMissingError(ServerError):
+    """The server has no database of the URL's number (SELECT: DB index is out of range)."""
+
+
 _REPLY_KINDS: dict[str, type[ServerError]] = {
     "NOGROUP": GroupMissingError,
     "BUSYGROUP": GroupExistsError,
@@ -274,6 +280,8 @@ def translate_redis_errors(*, user: str | None = None) -> Iterator[None]:
         if isinstance(exc, redis.exceptions.NoPermissionError) or _REFUSED.search(text):
             raise permission_denied(text, user=user) from exc
         kind = _REPLY_KINDS.get(_reply_code(text), ServerError)
+        if "DB index is out of range" in text:  # plain ERR: the only reply told by its text
+            kind = DatabaseMissingError
         raise kind(f"the Redis server refused a command: {exc}") from exc
 
 

@@ -780,3 +780,16 @@ async def test_bench_quick_run_prints_the_table(
     )
     assert bench.code == 0, bench
     assert re.search(r"^figure\s+\|\s+streamstore\s+\|\s+baseline\s+\|\s+ratio$", bench.out, re.M)
+
+
+def test_a_database_the_server_lacks_is_named(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a permission problem (which is what it used to be reported as)."""
+    missing = redis_url.rsplit("/", 1)[0] + "/99"
+    assert main(["--redis-url", missing, "--history-url", "memory://", "stats"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "streamstore: the Redis URL names database 99, which this server does not have "
+        "(it has fewer databases): use /0\n"
+    )

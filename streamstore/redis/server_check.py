@@ -25,6 +25,7 @@ from streamstore.errors import (
     BackpressureError,
     ConfigurationError,
     ConnectionLostError,
+    DatabaseMissingError,
     EvictionPolicyError,
     PermissionDeniedError,
     ScriptReplayError,
@@ -199,25 +200,20 @@ async def _default_user_replays(topology: Topology, keys: Keyspace) -> bool | No
     when this user may not ask, or the server has no ACL DRYRUN (before Redis 7).
 
     Raises:
-        redis.exceptions.RedisError: as the server or the connection raised it.
+        ConnectionLostError: the server cannot be reached.
     """
     execute: Callable[..., Awaitable[object]] = topology.client.execute_command
     for probe in _replay_probes(keys):
         try:
-            answer = await execute("ACL", "DRYRUN", "default", *probe, **topology.any_node())
-        except redis.exceptions.ResponseError as exc:
-            if "unknown" in str(exc).lower() or _refused(exc):
-                log.info("the replay of script writes was not verified: %s", _first_line(exc))
-                return None
-            raise
+            with translate_redis_errors():
+                answer = await execute("ACL", "DRYRUN", "default", *probe, **topology.any_node())
+        except ServerError as exc:  # this user may not ask (PermissionDeniedError), or Redis 6
+            log.info("the replay of script writes was not verified: %s", _first_line(exc))
+            return None
         if answer not in (b"OK", "OK"):
             log.info("the default user may not run %s: %s", probe[0], _text(answer))
             return False
     return True
-
-
-def _refused(exc: redis.exceptions.ResponseError) -> bool:
-    return isinstance(exc, redis.exceptions.NoPermissionError) or "no permission" in str(exc)
 
 
 async def _record_deployment(
@@ -319,18 +315,23 @@ def _refuse_database(topology: Topology, exc: redis.exceptions.ResponseError) ->
     Raises:
         ConfigurationError: the URL's database does not exist, or this user may not select it.
     """
-    text = str(exc)
     db = topology.client.get_connection_kwargs().get("db", 0)
-    if "DB index is out of range" in text:
+    try:
+        with translate_redis_errors():
+            raise exc
+    except DatabaseMissingError:
         raise ConfigurationError(
             f"the Redis URL names database {db}, which this server does not have "
             "(it has fewer databases): use /0"
         ) from None
-    if "'select' command" in text:
-        raise ConfigurationError(
-            f"this Redis user may not select database {db}: use database 0 (/0), as every "
-            "role of deploy/users.acl does"
-        ) from None
+    except PermissionDeniedError as refused:
+        if refused.command == "SELECT":
+            raise ConfigurationError(
+                f"this Redis user may not select database {db}: use database 0 (/0), as "
+                "every role of deploy/users.acl does"
+            ) from None
+    except ServerError:
+        pass  # another refusal (INFO): the caller goes on without INFO
 
 
 async def _check_partitions(client: Client, settings: Settings, keys: Keyspace) -> None:
