@@ -12,7 +12,7 @@ from streamstore.errors import permission_denied
 from streamstore.keys import GROUP
 from streamstore.redis.server_check import used_memory
 
-__all__ = ["DeadLetter", "DeploymentStats", "PartitionStats", "read_stats"]
+__all__ = ["DeploymentStats", "PartitionStats", "read_stats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,17 +67,6 @@ class DeploymentStats:
     def lagging(self) -> list[int]:
         """Partitions at or over the high-water mark (publishes there wait, then fail)."""
         return [p.partition for p in self.partitions if p.backlog >= self.max_lag]
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """An entry the persister could not decode or store, moved aside with its reason."""
-
-    id: str
-    feed: str
-    entry_id: str
-    reason: str
-    fields: dict[bytes, bytes]
 
 
 async def read_stats(deployment: Deployment) -> DeploymentStats:

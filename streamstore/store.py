@@ -22,6 +22,7 @@ from streamstore.codec import (
     message_from_values,
 )
 from streamstore.config import Settings
+from streamstore.dead_letters import DeadLetter, list_dead_letters, requeue_dead_letter
 from streamstore.deployment import Deployment
 from streamstore.errors import (
     BackpressureError,
@@ -52,7 +53,7 @@ from streamstore.models import (
 from streamstore.redis.connection import Client, is_transient
 from streamstore.redis.server_check import ServerInfo
 from streamstore.replay import SessionReader
-from streamstore.stats import DeadLetter, DeploymentStats, read_stats
+from streamstore.stats import DeploymentStats, read_stats
 
 __all__ = ["StreamStore"]
 
@@ -522,33 +523,17 @@ class StreamStore:
         Raises:
             ConnectionLostError: the server cannot be reached.
         """
-        with translate_redis_errors(user=self._user):
-            entries = await self._client.xrange(self.keys.dead_letters, count=limit)
-        return [_dead_letter(entry_id, fields) for entry_id, fields in entries or []]
+        return await list_dead_letters(self._deployment, limit=limit)
 
     async def requeue_dead_letter(self, dead_letter_id: str) -> bool:
         """Put a dead-lettered entry back at the end of its feed (after the cause is fixed);
         returns False when there is no such dead letter.
 
         Raises:
-            ValidationError: the id is not a stream id.
+            ValidationError: the id is not a stream id, or the entry holds no original.
             ConnectionLostError: the server cannot be reached.
         """
-        entry = str(StreamId.parse(dead_letter_id))
-        with translate_redis_errors(user=self._user):
-            found = await self._client.xrange(self.keys.dead_letters, entry, entry)
-            if not found:
-                return False
-            dead = _dead_letter(*found[0])
-            if dead.feed not in self.keys.feeds() or not dead.fields:
-                raise ValidationError(f"dead letter {entry} cannot be requeued (no original)")
-            # Requeued first: on a cluster (two slots, no MULTI) a failure between the two
-            # steps requeues it twice, never loses it.
-            await self._deployment.topology.together(
-                [("XADD", dead.feed, "*", *_flat(dead.fields))],
-                [("XDEL", self.keys.dead_letters, entry)],
-            )
-        return True
+        return await requeue_dead_letter(self._deployment, dead_letter_id)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -671,26 +656,6 @@ class StreamStore:
             stored = await self._history.get_session(session_id)
             return (stored.last_stream_id if stored else None) or STREAM_START
         return _cursor(after)
-
-
-def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
-    """A stream entry's fields as XADD takes them: name, value, name, value ..."""
-    return [part for pair in fields.items() for part in pair]
-
-
-def _dead_letter(entry_id: Any, fields: Any) -> DeadLetter:
-    """A dead letter from its raw XRANGE entry (bytes ids and fields)."""
-
-    def text(name: bytes) -> str:
-        return bytes(fields.get(name, b"")).decode(errors="replace")
-
-    return DeadLetter(
-        id=entry_id.decode(),
-        feed=text(b"feed"),
-        entry_id=text(b"id"),
-        reason=text(b"reason"),
-        fields={k[2:]: v for k, v in fields.items() if k.startswith(b"f:")},
-    )
 
 
 def _plain(metadata: object) -> object:

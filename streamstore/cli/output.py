@@ -11,8 +11,9 @@ from typing import Final
 
 import orjson
 
+from streamstore.dead_letters import DeadLetter
 from streamstore.models import Message, Session
-from streamstore.stats import DeadLetter, DeploymentStats
+from streamstore.stats import DeploymentStats
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1

@@ -34,11 +34,11 @@ import anyio
 import redis.exceptions
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
-from redis.typing import EncodableT
 
 from streamstore.codec import decode_feed_entry
 from streamstore.config import PersisterSettings
 from streamstore.crashpoints import crash_if
+from streamstore.dead_letters import dead_letter_fields
 from streamstore.deployment import Deployment, HasDeployment, deployment_of
 from streamstore.errors import (
     BackpressureError,
@@ -603,7 +603,7 @@ class Persister:
         with self._deployment.redis_errors():
             await self._topology.together(
                 [
-                    ("XADD", self._keys.dead_letters, "*", *_dead_letter_fields(*entry))
+                    ("XADD", self._keys.dead_letters, "*", *dead_letter_fields(*entry))
                     for entry in poison
                 ],
                 [("XACK", feed, GROUP, entry_id) for feed, entry_id, _, _ in poison],
@@ -647,14 +647,3 @@ class Persister:
                     if attempt:
                         raise
                     await self._scripts.load(self._client)
-
-
-def _dead_letter_fields(
-    feed: str, entry_id: bytes, fields: dict[bytes, bytes], reason: str
-) -> list[EncodableT]:
-    """The dead letter's fields, as XADD takes them: where it came from, why, and the
-    original fields under ``f:`` names."""
-    out: list[EncodableT] = ["feed", feed, "id", entry_id, "reason", reason]
-    for name, value in fields.items():
-        out += [b"f:" + name, value]
-    return out
