@@ -253,20 +253,21 @@ class StreamStore:
                 for p in range(self.keys.partitions):
                     pipe.zrangebylex(self.keys.index(p), start, b"+", start=0, num=limit)
                 pages: list[list[bytes]] = await pipe.execute()
-        live = sorted({sid.decode() for page in pages for sid in page})[:limit]
+        live = {sid.decode() for page in pages for sid in page}
+        stored = {s.id: s for s in await self._history.list_sessions(after=after, limit=limit)}
+        ids = sorted(live | stored.keys())[:limit]
+        # Redis is the truth while it holds a session's meta (tombstones included): history's
+        # catalog learns of a close or delete only when the persister reaches it.
         with translate_redis_errors(user=self._user):
             async with self._client.pipeline(transaction=False) as pipe:
-                for sid in live:
+                for sid in ids:
                     pipe.hgetall(self.keys.session(sid).meta)
                 metas: list[dict[bytes, bytes]] = await pipe.execute()
-        merged = {
-            sid: decode_session_meta(sid, meta)
-            for sid, meta in zip(live, metas, strict=True)
-            if meta
-        }
-        for stored in await self._history.list_sessions(after=after, limit=limit):
-            merged.setdefault(stored.id, stored)
-        return [merged[sid] for sid in sorted(merged)[:limit]]
+        return [
+            decode_session_meta(sid, meta) if meta else stored[sid]
+            for sid, meta in zip(ids, metas, strict=True)
+            if meta or sid in stored
+        ]
 
     async def close_session(self, session_id: str) -> Session:
         """Close a session: it accepts no more messages; its messages stay readable, and its
