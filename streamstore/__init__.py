@@ -24,12 +24,22 @@ from streamstore.errors import (
     WaitTimeoutError,
 )
 from streamstore.models import Message, Session, SessionState, StreamId
+from streamstore.persistence import (
+    AsyncSessionPersistence,
+    ChatMessage,
+    ChatSession,
+    PersistenceConfig,
+    SessionPersistence,
+)
 from streamstore.store import StreamStore
 from streamstore.workers.persister import Persister, PersisterStats
 from streamstore.workers.sweeper import Sweeper, SweepReport
 
 __all__ = [
+    "AsyncSessionPersistence",
     "BackpressureError",
+    "ChatMessage",
+    "ChatSession",
     "ConfigurationError",
     "ConnectionLostError",
     "CorruptEntryError",
@@ -41,6 +51,7 @@ __all__ = [
     "Message",
     "MessageTooLargeError",
     "PermissionDeniedError",
+    "PersistenceConfig",
     "Persister",
     "PersisterSettings",
     "PersisterStats",
@@ -50,6 +61,7 @@ __all__ = [
     "SessionClosedError",
     "SessionExistsError",
     "SessionNotFoundError",
+    "SessionPersistence",
     "SessionState",
     "Settings",
     "StreamId",
