@@ -1,8 +1,8 @@
 """Durable history: the HistoryStore protocol and the URL-chosen implementations.
 
-``sqlite:///path.db`` (default, embedded), ``postgresql://...`` (many workers on many machines)
-and ``memory://`` (tests); each lives in its own module, imported only when its scheme is asked
-for.
+``sqlite:///path.db`` (default, embedded), ``postgresql://...`` (many workers on many machines),
+``json:///dir`` (human-readable JSON-lines files, one process at a time) and ``memory://``
+(tests); each lives in its own module, imported only when its scheme is asked for.
 """
 
 from __future__ import annotations
@@ -146,7 +146,15 @@ def history_from_url(url: str) -> HistoryStore:
         from streamstore.history.postgres import PostgresHistory
 
         return PostgresHistory.from_url(url)
+    if scheme == "json":
+        from streamstore.history.json import JSONHistory
+
+        return JSONHistory.from_url(url)
+    if scheme.endswith("+history"):  # redis+history://, rediss+history:// (+cluster refused)
+        from streamstore.history.redis_history import RedisHistory
+
+        return RedisHistory.from_url(url)
     raise ConfigurationError(
         f"unknown history URL scheme {scheme!r}: expected sqlite:///path.db, "
-        "postgresql://user@host/db or memory://"
+        "postgresql://user@host/db, json:///dir, redis+history://host:port/db or memory://"
     )

@@ -34,7 +34,7 @@ from streamstore.errors import (
     HistoryError,
     HistoryUnavailableError,
 )
-from streamstore.history.sql import SQLHistory, number_option, seconds, split_url
+from streamstore.history.backend import RetentionDriver, number_option, seconds, split_url
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["DEFAULT_SCHEMA", "SCHEMA_VERSION", "PostgresHistory"]
@@ -292,7 +292,7 @@ class _Batch:
     message_sessions: list[str]  # the sessions of rows, by id
 
 
-class PostgresHistory(SQLHistory):
+class PostgresHistory(RetentionDriver):
     """History in one PostgreSQL schema, built from
     ``postgresql://user:password@host:port/database?schema=streamstore`` by :meth:`from_url`.
 

@@ -31,7 +31,7 @@ from streamstore.errors import (
     HistoryError,
     HistoryUnavailableError,
 )
-from streamstore.history.sql import SQLHistory, seconds, split_url
+from streamstore.history.backend import RetentionDriver, seconds, split_url
 from streamstore.models import Message, Session, SessionState, StreamId
 
 __all__ = ["SCHEMA_VERSION", "SQLiteHistory"]
@@ -258,7 +258,7 @@ _LIST_SESSIONS: Final = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id > ? O
 _T = TypeVar("_T")
 
 
-class SQLiteHistory(SQLHistory):
+class SQLiteHistory(RetentionDriver):
     """History in one SQLite file, built from ``sqlite:///relative.db`` or
     ``sqlite:////absolute.db`` by :meth:`from_url`.
 

@@ -1,6 +1,6 @@
-"""What the SQL history stores share, so that a backend holds only its dialect (SQL, schema,
-migrations, driver, error codes): the retention driver with the backend's passes as hooks, the
-reading of URL options, and durations. Rows are encoded and decoded by
+"""What the history backends share, so that each holds only its own dialect (SQL, schema and
+migrations; files; scripts; driver and error codes): the retention driver with the backend's
+passes as hooks, the reading of URL options, and durations. Rows are encoded and decoded by
 :mod:`streamstore.codec` (:func:`~streamstore.codec.message_row` and its kin).
 """
 
@@ -15,11 +15,11 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit
 from streamstore.errors import ConfigurationError
 from streamstore.history import RetentionResult, check_retention_limits
 
-__all__ = ["SQLHistory", "number_option", "seconds", "split_url"]
+__all__ = ["RetentionDriver", "number_option", "seconds", "split_url"]
 
 
-class SQLHistory(abc.ABC):
-    """The retention driver of a SQL store: the passes, in order, each of the backend's own.
+class RetentionDriver(abc.ABC):
+    """The retention driver of a history backend: the passes, in order, each the backend's own.
 
     A backend implements the three passes; each deletes in bounded transactions and keeps
     message counts exact, so a pass that fails half-way is finished by the next one.
