@@ -20,7 +20,7 @@ import anyio.to_thread
 
 from streamstore.config import Settings
 from streamstore.errors import translate_redis_errors
-from streamstore.history import HistoryStore, history_from_url
+from streamstore.history import HistoryStore, history_from_url, history_url_on
 from streamstore.keys import Keyspace
 from streamstore.redis.connection import Client, connect, url_user
 from streamstore.redis.embedded import EmbeddedServer
@@ -79,7 +79,7 @@ class Deployment:
             stack.push_async_callback(client.aclose)
             keys = Keyspace(settings.key_prefix, settings.partitions)
             info = await check_server(client, settings, keys, user=url_user(url))
-            history = history_from_url(settings.history_url)
+            history = history_from_url(history_url_on(settings.history_url, url))
             await history.open()
             stack.push_async_callback(history.close)
             yield cls(

@@ -37,6 +37,7 @@ from anyio.from_thread import BlockingPortal
 
 from streamstore.config import PersisterSettings, Settings, SweeperSettings
 from streamstore.errors import ConfigurationError, SessionNotFoundError
+from streamstore.history import SAME_SERVER
 from streamstore.models import Message, Session, SessionState
 from streamstore.store import StreamStore
 from streamstore.workers.persister import Persister
@@ -52,8 +53,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-StorageType = Literal["sqlite", "json", "memory", "postgres"]
-_STORAGE_TYPES: Final = ("sqlite", "json", "memory", "postgres")
+StorageType = Literal["sqlite", "json", "redis", "memory", "postgres"]
+_STORAGE_TYPES: Final = ("sqlite", "json", "redis", "memory", "postgres")
 _BACKUP_INTERVALS: Final = ("hourly", "daily")
 _T = TypeVar("_T")
 
@@ -118,8 +119,9 @@ class PersistenceConfig:
     """The seeds' configuration keys, plus streamstore's own settings.
 
     Attributes:
-        storage_type: ``sqlite`` (default), ``json``, ``memory`` (nothing survives the
-            process) or ``postgres`` (``history_url`` names the database).
+        storage_type: ``sqlite`` (default), ``json`` (readable files), ``redis`` (history in
+            the Redis server itself), ``memory`` (nothing survives the process) or
+            ``postgres`` (``history_url`` names the database).
         storage_path: the directory holding the history and the embedded server's data.
         cleanup_days: ``cleanup()`` deletes messages older than this (None: never).
         max_sessions: ``cleanup()`` keeps at most this many sessions (ended ones go first).
@@ -204,6 +206,8 @@ class PersistenceConfig:
             return self.settings.replace(
                 history_url=f"json:///{root.absolute()}", embedded_dir=str(root / "redis")
             )
+        if self.storage_type == "redis":
+            return self.settings.replace(history_url=SAME_SERVER, embedded_dir=str(root / "redis"))
         return self.settings.replace(
             history_url=f"sqlite:///{(root / 'history.db').absolute()}",
             embedded_dir=str(root / "redis"),

@@ -50,21 +50,33 @@ def run_script(script: str, cwd: Path) -> str:
 
 
 @pytest.mark.slow
-def test_the_readme_script_runs_and_its_session_survives_a_restart(tmp_path: Path) -> None:
-    """The seeds' own calls, as the README shows them, on the default storage (SQLite and the
-    embedded server in ./sessions); then a second process finds the session and its message."""
-    first = run_script(readme_script(), tmp_path)
+@pytest.mark.parametrize("storage_type", ["sqlite", "json", "redis"])
+def test_the_readme_script_runs_and_its_session_survives_a_restart(
+    storage_type: str, tmp_path: Path
+) -> None:
+    """The seeds' own calls, as the README shows them (only the storage type swapped), each
+    on the embedded server in ./sessions; then a second process finds the session and its
+    message."""
+    script = readme_script()
+    assert 'storage_type="sqlite"' in script
+    first = run_script(script.replace('"sqlite"', f'"{storage_type}"'), tmp_path)
     session_id = re.search(r"session_id='([0-9a-f-]+)'", first).group(1)  # type: ignore[union-attr]
     assert "Hello Agent-2!" in first
     again = run_script(
         "from streamstore import SessionPersistence\n"
-        "p = SessionPersistence(storage_type='sqlite', storage_path='sessions')\n"
+        f"p = SessionPersistence(storage_type={storage_type!r}, storage_path='sessions')\n"
         f"s = p.get_session({session_id!r})\n"
-        f"print(s.participants, [m.content for m in p.get_messages({session_id!r})])\n",
+        f"print(s.participants, [m.content for m in p.get_messages({session_id!r})])\n"
+        "print(p.get_stats()['stored_messages'])\n",
         tmp_path,
     )
-    assert again.strip() == "['Agent-1', 'Agent-2', 'Agent-3'] ['Hello Agent-2!']"
-    assert (tmp_path / "sessions" / "history.db").stat().st_mode & 0o777 == 0o600
+    assert again.splitlines() == ["['Agent-1', 'Agent-2', 'Agent-3'] ['Hello Agent-2!']", "1"]
+    files = {
+        "sqlite": tmp_path / "sessions" / "history.db",
+        "json": tmp_path / "sessions" / "index.json",
+        "redis": tmp_path / "sessions" / "redis" / "appendonlydir",
+    }
+    assert files[storage_type].exists()
 
 
 def options(settings: Settings, tmp_path: Path) -> dict[str, object]:

@@ -10,13 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from streamstore.errors import ConfigurationError, ValidationError
 from streamstore.models import Message, Session, StreamId
 
-__all__ = ["HistoryStore", "RetentionResult", "check_retention_limits", "history_from_url"]
+__all__ = [
+    "SAME_SERVER",
+    "HistoryStore",
+    "RetentionResult",
+    "check_retention_limits",
+    "history_from_url",
+    "history_url_on",
+]
+
+SAME_SERVER: Final = "redis+history://"
+"""A history URL naming no server: history kept in the deployment's own Redis (the live tier's
+server, embedded or not), under the Redis history store's own keys."""
 
 
 @runtime_checkable
@@ -125,6 +136,21 @@ def check_retention_limits(
             raise ValidationError(f"{name} must be a whole number")
         if value is not None and value < 0:
             raise ValidationError(f"{name} must be 0 or more, got {value}")
+
+
+def history_url_on(history_url: str, redis_url: str) -> str:
+    """``history_url``, with :data:`SAME_SERVER` turned into the Redis history URL of the
+    server at ``redis_url`` (credentials, database and TLS included).
+
+    Raises:
+        ConfigurationError: :data:`SAME_SERVER` with a Redis Cluster.
+    """
+    if history_url != SAME_SERVER:
+        return history_url
+    scheme, _, rest = redis_url.partition("://")
+    if "cluster" in scheme:
+        raise ConfigurationError("history in Redis itself does not support a Redis Cluster")
+    return f"{scheme}+history://{rest}"
 
 
 def history_from_url(url: str) -> HistoryStore:
