@@ -227,7 +227,6 @@ class AsyncSessionPersistence:
         self.config = config if config is not None else PersistenceConfig.from_mapping(options)
         self._stack: contextlib.AsyncExitStack | None = None
         self._store: StreamStore | None = None
-        self._persister: Persister | None = None
         self._stopping: anyio.Event | None = None
         if self.config.backup_enabled:
             log.warning(
@@ -255,7 +254,7 @@ class AsyncSessionPersistence:
             persister = Persister(store, PersisterSettings.from_env(consumer=_consumer()))
             await group.start(persister.run)
             stack.callback(persister.stop)
-            self._stack, self._store, self._persister = stack.pop_all(), store, persister
+            self._stack, self._store = stack.pop_all(), store
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
