@@ -6,6 +6,10 @@ Credentials come with the URL (``redis://user:password@host:6379/0``), one ACL u
 A Redis Cluster is named by ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://``
 with TLS): any reachable node lets the client discover the others. Every script call touches the
 keys of one partition, which share a hash tag, so each one runs on the node owning that slot.
+
+``memory://NAME`` (or ``memory://``) is a server inside this process, served by fakeredis
+(:mod:`streamstore.redis.inprocess`): the same scripts and commands, no network, and nothing
+survives the process.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from streamstore.errors import (
 )
 from streamstore.redis._fastpath import ENABLED as fast_path_enabled
 from streamstore.redis._fastpath import DirectExchange, HiredisPacking
+from streamstore.redis.inprocess import SCHEME as IN_PROCESS_SCHEME
+from streamstore.redis.inprocess import connect_in_process
 
 __all__ = [
     "CONNECTION_CLASSES",
@@ -74,6 +80,9 @@ def connect(url: str, settings: Settings) -> Client:
     """A redis-py asyncio client for ``url`` that returns bytes and speaks RESP2: a
     :class:`~redis.asyncio.RedisCluster` for ``redis+cluster://`` and ``rediss+cluster://``
     URLs (``max_connections`` then applies per node), a :class:`~redis.asyncio.Redis` otherwise.
+    ``memory://NAME`` gives a client of a server inside this process (fakeredis): one per NAME,
+    shared by every client of that URL in the process, a private one for ``memory://``; it
+    keeps nothing once the process ends (see :mod:`streamstore.redis.inprocess`).
 
     ``rediss://`` URLs always verify the server certificate (against ``settings.tls_ca_file``,
     else the system store) and its host name; ``tls_cert_file``/``tls_key_file`` present a
@@ -85,16 +94,20 @@ def connect(url: str, settings: Settings) -> Client:
     Nothing is sent before the first command.
 
     Raises:
-        ConfigurationError: an unknown scheme, TLS options with a ``redis://`` or ``unix://``
-            URL, ``ssl_*`` parameters in the URL, a TLS file that does not exist, or a cluster
-            URL with a database other than 0 or a malformed node address.
+        ConfigurationError: an unknown scheme, TLS options with a ``redis://``, ``unix://`` or
+            ``memory://`` URL, ``ssl_*`` parameters in the URL, a TLS file that does not
+            exist, a cluster URL with a database other than 0 or a malformed node address, or
+            a ``memory://`` URL that is more than a name or lacks fakeredis and lupa.
     """
     parts = urlsplit(url)
+    if parts.scheme == IN_PROCESS_SCHEME:
+        return connect_in_process(url, settings)
     scheme = _CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)
     if scheme not in _SCHEMES:
         raise ConfigurationError(
             "redis_url must start with redis://, rediss:// or unix:// (redis+cluster:// or "
-            f"rediss+cluster:// for a Redis Cluster), not {parts.scheme!r}://"
+            f"rediss+cluster:// for a Redis Cluster; memory:// in process), not "
+            f"{parts.scheme!r}://"
         )
     tls_files = {
         "tls_ca_file": settings.tls_ca_file,

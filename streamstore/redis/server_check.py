@@ -64,6 +64,10 @@ class ServerInfo:
     :func:`drops_script_writes`); None when this user could not verify it."""
     epoch: str | None = None
     """The deployment's epoch (None: this user could not read or set it)."""
+    in_process: bool = False
+    """Whether the server runs inside this process (``memory://``, fakeredis): it never evicts
+    and logs nothing to disk (``appendonly`` False, nothing to replay); nothing it holds
+    survives the process."""
 
 
 async def used_memory(topology: Topology) -> int:
@@ -102,6 +106,10 @@ async def check_server(
 ) -> ServerInfo:
     """Verify version, eviction policy, script replay and partition count, and read or set the
     deployment's epoch, before anything is written. ``user`` is the connection's Redis user.
+
+    A server inside this process (``memory://``) is described by its topology: it never evicts
+    and has no append-only file, so nothing is replayed and ACL DRYRUN (which fakeredis lacks)
+    is not needed.
 
     Works with each role of ``deploy/users.acl``: a user that may not run INFO is checked by
     HELLO for the version, with a warning that the eviction policy was not verified; one that
@@ -160,14 +168,14 @@ async def check_server(
         if refuse:
             raise ScriptReplayError(message)
         log.warning(message)
-    if appendonly is False:
+    if appendonly is False and not topology.in_process:  # in process: said when it opened
         log.warning(
             "the server runs without append-only persistence: a restart loses "
             "messages not yet persisted to history"
         )
     with translate_redis_errors(user=user):
         epoch = await _record_deployment(client, settings, keys, Scripts.register(client))
-    return ServerInfo(name, version, policy, appendonly, replays, epoch)
+    return ServerInfo(name, version, policy, appendonly, replays, epoch, topology.in_process)
 
 
 def _replay_probes(keys: Keyspace) -> list[tuple[str, ...]]:
@@ -291,6 +299,8 @@ async def _describe(topology: Topology) -> tuple[str, tuple[int, ...], str | Non
             topology.address(),
         )
     name = "valkey" if any("valkey_version" in info for info in infos) else "redis"
+    if topology.in_process:
+        name = "fakeredis"  # its version is the Redis version it behaves as
     version = min(
         _version(str(info.get("valkey_version") or info.get("redis_version", "0")))
         for info in infos

@@ -11,6 +11,10 @@ calls are the same on both. What differs is answered here, and nowhere else asks
   non-blocking XREADGROUP per feed on a cluster (a command may not span slots);
 * whether publishes are merged into one script call per partition (a cluster) or across
   partitions (one server).
+
+A server inside this process (``memory://``, fakeredis) is a single server whose connections
+have no socket: no held connections (pipelines serve its hot paths), and INFO, which fakeredis
+does not implement, is answered from what it is by nature (see :class:`_InProcess`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from redis.typing import EncodableT
 
 from streamstore.redis.connection import DEFAULT_PORT, Client
 from streamstore.redis.held import HeldConnection
+from streamstore.redis.inprocess import VERSION as IN_PROCESS_VERSION
+from streamstore.redis.inprocess import in_process_url
 
 __all__ = ["CLUSTER_IDLE_POLL", "Topology", "topology_of"]
 
@@ -40,6 +46,10 @@ class Topology(abc.ABC):
 
     merges_per_partition: bool
     """Whether a merged script call may hold only one partition's batches (one slot)."""
+
+    in_process: bool = False
+    """Whether the server runs inside this process (``memory://``): it keeps nothing past the
+    process, has no append-only file to replay and no ACL users to check."""
 
     @property
     @abc.abstractmethod
@@ -127,7 +137,7 @@ class _SingleServer(Topology):
     def client(self) -> Redis:
         return self._client
 
-    def held(self) -> HeldConnection:
+    def held(self) -> HeldConnection | None:
         return HeldConnection(self._client)
 
     def route(self, key: str) -> dict[str, Any]:
@@ -249,9 +259,52 @@ class _Cluster(Topology):
         )
 
 
+class _InProcess(_SingleServer):
+    """A fakeredis server inside this process (``memory://``).
+
+    fakeredis answers neither INFO nor ACL DRYRUN: its INFO is what it is by nature (it never
+    evicts, has no append-only file, no memory accounting). Its connections have no socket
+    for a held connection to exchange on directly; each command is served in the event loop.
+    """
+
+    in_process = True
+
+    def __init__(self, client: Redis, url: str) -> None:
+        super().__init__(client)
+        self._url = url
+
+    def held(self) -> None:
+        return None
+
+    async def infos(self, *section: str) -> list[dict[str, Any]]:
+        await self._client.ping()  # a round trip, as INFO would be: errors surface alike
+        return [
+            {
+                "redis_version": ".".join(map(str, (*IN_PROCESS_VERSION, 0))),
+                "redis_mode": "standalone",
+                "maxmemory_policy": "noeviction",
+                "aof_enabled": 0,
+                "used_memory": 0,
+                "cluster_enabled": 0,
+            }
+        ]
+
+    async def describe(self) -> str:
+        return "single node in this process (fakeredis)"
+
+    def address(self) -> str:
+        return self._url
+
+    def uses_tls(self) -> bool:
+        return False
+
+
 def topology_of(client: Client) -> Topology:
     """The topology of a client made by :func:`streamstore.redis.connection.connect` (or any
     redis-py asyncio client)."""
     if isinstance(client, RedisCluster):
         return _Cluster(client)
+    url = in_process_url(client)
+    if url is not None:
+        return _InProcess(client, url)
     return _SingleServer(client)
