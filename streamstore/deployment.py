@@ -9,7 +9,7 @@ through another.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +23,7 @@ from streamstore.errors import translate_redis_errors
 from streamstore.history import HistoryStore, history_from_url, history_url_on
 from streamstore.keys import Keyspace
 from streamstore.redis.connection import Client, connect, url_user
-from streamstore.redis.embedded import EmbeddedServer
+from streamstore.redis.embedded import EmbeddedServer, SharedEmbeddedServer
 from streamstore.redis.scripts import Scripts
 from streamstore.redis.server_check import ServerInfo, check_server
 from streamstore.redis.topology import Topology, topology_of
@@ -56,8 +56,10 @@ class Deployment:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[Deployment]:
-        """Start the embedded server when no Redis URL is set, connect, check the server and
-        open history; undo all of it on exit.
+        """Start the embedded server when no Redis URL is set (or join the one other processes
+        on the same data directory share, see
+        :class:`~streamstore.redis.embedded.SharedEmbeddedServer`), connect, check the server
+        and open history; undo all of it on exit.
 
         Raises:
             ConfigurationError: the URLs are unusable, or the partition count differs from
@@ -71,10 +73,16 @@ class Deployment:
         async with contextlib.AsyncExitStack() as stack:
             url = settings.redis_url
             if url is None:
-                server = EmbeddedServer(data_dir=_embedded_dir(settings))
-                await anyio.to_thread.run_sync(server.start)
-                stack.push_async_callback(_stop, server)
-                url = server.url
+                data_dir = _embedded_dir(settings)
+                if data_dir is None:  # a private temporary directory: nobody else can join
+                    server = EmbeddedServer()
+                    stack.push_async_callback(_stop, server.stop)
+                    await anyio.to_thread.run_sync(server.start)
+                    url = server.url
+                else:  # other processes on this data directory share the server
+                    shared = SharedEmbeddedServer(data_dir)
+                    stack.push_async_callback(_stop, shared.close)
+                    url = await anyio.to_thread.run_sync(shared.open)
             client = connect(url, settings)
             stack.push_async_callback(client.aclose)
             keys = Keyspace(settings.key_prefix, settings.partitions)
@@ -123,8 +131,9 @@ def deployment_of(source: Deployment | HasDeployment) -> Deployment:
     return source if isinstance(source, Deployment) else source.deployment
 
 
-async def _stop(server: EmbeddedServer) -> None:
-    await anyio.to_thread.run_sync(server.stop)
+async def _stop(stop: Callable[[], None]) -> None:
+    """Stop (or leave) the embedded server, off the event loop; safe if it never started."""
+    await anyio.to_thread.run_sync(stop)
 
 
 def _embedded_dir(settings: Settings) -> Path | None:

@@ -297,15 +297,17 @@ def test_data_dir_lock_holds_across_processes(
     )
 
 
-def test_lock_file_names_the_owner_and_its_server(
+def test_lock_file_names_the_owner_its_server_and_the_watchdog(
     tmp_path: Path, make_server: type[EmbeddedServer]
 ) -> None:
     server = make_server(data_dir=tmp_path)
     server.start()
     lock = tmp_path / "streamstore.lock"
-    assert lock.read_text().split() == [f"owner={os.getpid()}", f"server={server.pid}"]
+    record = [f"owner={os.getpid()}", f"server={server.pid}", f"watchdog={server.watchdog_pid}"]
+    assert lock.read_text().split() == record
     server.restart()
-    assert lock.read_text().split() == [f"owner={os.getpid()}", f"server={server.pid}"]
+    record = [f"owner={os.getpid()}", f"server={server.pid}", f"watchdog={server.watchdog_pid}"]
+    assert lock.read_text().split() == record
     server.stop()
     assert lock.read_text() == ""  # no stale pids for the next reader
 

@@ -2,6 +2,30 @@
 
 Used when no Redis URL is configured, and by the test suite for a real server on a free port.
 A watchdog process stops the server when its owner dies, however it dies.
+
+:class:`EmbeddedServer` is one process's server: a second one on its data directory is refused.
+:class:`SharedEmbeddedServer` lets every process on the machine that uses one data directory
+share one server, which stops when the last of them leaves, gracefully or killed:
+
+* Each user holds ``flock(LOCK_SH)`` on ``clients.lock`` for as long as it uses the server (a
+  descriptor opened close-on-exec, so an exec'd child never inherits it; the kernel drops it
+  when the process dies, SIGKILL included).
+* A newcomer first takes LOCK_SH, so no stop can begin while it decides. If the data-directory
+  lock (``streamstore.lock``) is free it becomes the owner: it starts the server with its
+  watchdog and, once the server answers PING, writes ``server.url`` (URL and server pid)
+  atomically. Otherwise it reads ``server.url`` and joins if the pid matches the lock record
+  and that very process answers PING (``INFO``'s ``process_id``); a server being started or
+  stopped makes it release LOCK_SH and retry, within a bound.
+* The owner's watchdog, once the owner is gone (EOF on its pipe: it died, or left while others
+  still used the server), waits for ``LOCK_EX`` on ``clients.lock`` (granted only when nobody
+  holds LOCK_SH) and keeps it while it stops the server, so nobody joins a dying server. An
+  owner that leaves last stops the server itself, under LOCK_EX too.
+* An orphan (owner and watchdog both dead) that nobody uses is taken over as
+  :class:`EmbeddedServer` does; one still in use is joined.
+
+Loopback TCP on a free port chosen by the first process is the default: a unix socket in the
+data directory is private to the user (mode 700) but its path must fit in 107 bytes, which a
+deep ``storage_path`` does not; the server runs in protected mode bound to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -9,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import importlib.util
 import itertools
 import logging
@@ -30,7 +55,7 @@ from typing import Literal, Self
 
 from streamstore.errors import ConfigurationError, EmbeddedServerError
 
-__all__ = ["EmbeddedServer", "find_server_binary"]
+__all__ = ["EmbeddedServer", "SharedEmbeddedServer", "find_server_binary"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +63,8 @@ SERVER_BIN_ENV = "STREAMSTORE_SERVER_BIN"
 LOCK_FILE = "streamstore.lock"
 LOG_FILE = "server.log"
 SOCKET_FILE = "server.sock"
+CLIENTS_LOCK_FILE = "clients.lock"
+URL_FILE = "server.url"
 
 # sun_path is 108 bytes on Linux and 104 on macOS, NUL terminator included.
 _MAX_UNIX_PATH = 103 if platform.system() == "Darwin" else 107
@@ -47,33 +74,49 @@ _PING_AND_INFO = b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n"
 # stop()'s default; also how long an orphaned server gets to flush its AOF after SIGTERM.
 _STOP_TIMEOUT = 10.0
 _KILL_WAIT = 5.0  # after SIGKILL, how long the lock may take to be released
-_LOCK_RECORD_SIZE = 64  # the lock file's "owner=<pid> server=<pid>" line, padded
+_LOCK_RECORD_SIZE = 64  # the lock file's "owner=<pid> server=<pid> watchdog=<pid>", padded
 _SERVER_NAMES = ("valkey-server", "redis-server")
 
-# The watchdog: argv = owner_fd server_fd server_pid owner_pid grace. It holds the read end of
-# a pipe whose write end only the owner process has (close-on-exec), and the read end of a pipe
-# whose write end only the server (and its forks) have. The owner's pipe reaching EOF means the
-# owner died: stop the server's process group. The server's pipe reaching EOF means the server
-# is gone: leave quietly, so a reused pid is never signalled. Runs as `python -I -S -c`.
+# The watchdog: argv = owner_fd server_fd server_pid owner_pid grace clients. It holds the read
+# end of a pipe whose write end only the owner process has (close-on-exec), and the read end of
+# a pipe whose write end only the server (and its forks) have. The owner's pipe reaching EOF
+# means the owner died (or detached, see SharedEmbeddedServer): if ``clients`` names a
+# clients.lock, wait until LOCK_EX on it is granted (no process holds LOCK_SH: nobody uses the
+# server any more) and keep it while stopping, so no newcomer joins a dying server; then stop
+# the server's process group. The server's pipe reaching EOF means the server is gone: leave
+# quietly, so a reused pid is never signalled. Runs as `python -I -S -c`.
 _WATCHDOG = """\
-import os, select, signal, sys
-owner, server, pid, parent, grace = sys.argv[1:]
+import fcntl, os, select, signal, sys
+owner, server, pid, parent, grace, clients = sys.argv[1:]
 owner, server, pid = int(owner), int(server), int(pid)
 ready = select.select([owner, server], [], [])[0]
 if server not in ready and os.read(owner, 1) == b"":
+    if clients != "-":
+        print(f"streamstore watchdog: owner pid {parent} has left; server pid {pid} stops "
+              "when the last process using it leaves", file=sys.stderr, flush=True)
+        lock = os.open(clients, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        while True:
+            if select.select([server], [], [], 0.05)[0]:
+                sys.exit(0)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
     def group(signum):
         try:
             os.killpg(pid, signum)
         except ProcessLookupError:
             pass
-    print(f"streamstore watchdog: owner pid {parent} is gone; stopping server pid {pid}",
-          file=sys.stderr, flush=True)
+    print(f"streamstore watchdog: owner pid {parent} is gone and nobody uses the server; "
+          f"stopping server pid {pid}", file=sys.stderr, flush=True)
     group(signal.SIGTERM)
     group(signal.SIGCONT)
     if not select.select([server], [], [], float(grace))[0]:
         print(f"streamstore watchdog: server pid {pid} ignored SIGTERM for {grace}s; killing",
               file=sys.stderr, flush=True)
         group(signal.SIGKILL)
+        select.select([server], [], [], float(grace))
 """
 
 _INSTALL_HINT = (
@@ -159,6 +202,9 @@ class _ServerState:
         self.temp_dir = temp_dir
         self.watchdog: subprocess.Popen[bytes] | None = None
         self.watchdog_fd: int | None = None  # the owner's end of the watchdog's pipe
+        # SharedEmbeddedServer's clients.lock: the watchdog waits for it once the owner has
+        # gone, and the owner leaves by detaching (see _detach), never by stopping the server.
+        self.clients_lock: Path | None = None
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
@@ -216,7 +262,25 @@ def _release(state: _ServerState, timeout: float) -> None:
         shutil.rmtree(state.temp_dir, ignore_errors=True)
 
 
+def _detach(state: _ServerState) -> None:
+    """Leave the server running under its watchdog, as if this process had died: the watchdog
+    sees EOF on its pipe and stops the server once nobody holds LOCK_SH on clients.lock. The
+    data-directory lock stays held by the server (it shares the lock's open file)."""
+    for child in (state.process, state.watchdog):
+        if child is not None:  # reap them when they exit, without blocking anyone
+            threading.Thread(target=child.wait, name="streamstore-reaper", daemon=True).start()
+    state.process = state.watchdog = None
+    for name in ("watchdog_fd", "lock_fd"):
+        fd = getattr(state, name)
+        if fd is not None:
+            os.close(fd)  # no truncation: the record still names the running server
+            setattr(state, name, None)
+
+
 def _finalize(state: _ServerState) -> None:
+    if state.clients_lock is not None and state.process is not None:
+        _detach(state)  # others may still use the shared server: its watchdog decides
+        return
     if state.process is not None and state.process.poll() is None:
         logger.warning(
             "embedded server pid=%d was not stopped by its owner; stopping it", state.process.pid
@@ -240,18 +304,28 @@ def _process_alive(pid: int) -> bool:
     return state not in ([b"Z"], [b"X"])
 
 
-def _read_lock_record(fd: int) -> tuple[int | None, int | None]:
-    """The owner's and the server's pids written in the lock file (None where absent)."""
+def _read_lock_record(fd: int) -> tuple[int | None, int | None, int | None]:
+    """The owner's, the server's and the watchdog's pids written in the lock file (None where
+    absent)."""
     try:
         text = os.pread(fd, _LOCK_RECORD_SIZE, 0).decode("ascii", errors="replace")
     except OSError:
-        return None, None
+        return None, None, None
     fields = dict(item.partition("=")[::2] for item in text.split())
     pids: list[int | None] = []
-    for name in ("owner", "server"):
+    for name in ("owner", "server", "watchdog"):
         value = fields.get(name, "")
         pids.append(int(value) if value.isdigit() and int(value) > 0 else None)
-    return pids[0], pids[1]
+    return pids[0], pids[1], pids[2]
+
+
+def _lock_record_shared(fd: int) -> bool:
+    """True if the lock file says its server is shared (started by SharedEmbeddedServer)."""
+    try:
+        text = os.pread(fd, _LOCK_RECORD_SIZE, 0).decode("ascii", errors="replace")
+    except OSError:
+        return False
+    return "shared" in text.split()
 
 
 def _lock_available(fd: int) -> bool:
@@ -271,6 +345,44 @@ def _wait_for_lock(fd: int, timeout: float) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def _ping(family: int, address: str | tuple[str, int], pid: int, timeout: float) -> bool:
+    """One raw RESP PING; True on ``+PONG`` from the server process ``pid``.
+
+    False on refusal, timeout or ``-LOADING`` (the AOF is being replayed). ``INFO server`` is
+    pipelined behind the PING so that another server on that address (our server failed to
+    bind a port another one owns, or a recorded server died and its port was reused) is not
+    taken for ours.
+    """
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            sock.sendall(_PING_AND_INFO)
+            with sock.makefile("rb") as replies:
+                if not replies.readline().startswith(b"+PONG"):
+                    return False
+                header = replies.readline()
+                if not header.startswith(b"$"):
+                    return False
+                info = replies.read(int(header[1:]))
+    except (OSError, ValueError):
+        return False
+    for line in info.splitlines():
+        if line.startswith(b"process_id:"):
+            return int(line.partition(b":")[2]) == pid
+    return False
+
+
+def _ping_url(url: str, pid: int, timeout: float) -> bool:
+    """:func:`_ping` the server at ``url`` (as :attr:`EmbeddedServer.url` spells it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return _ping(socket.AF_UNIX, urllib.parse.unquote(parts.path), pid, timeout)
+    if parts.hostname is None or parts.port is None:
+        return False
+    return _ping(socket.AF_INET, (parts.hostname, parts.port), pid, timeout)
 
 
 def _signal_pid_group(pid: int, signum: signal.Signals) -> None:
@@ -542,6 +654,12 @@ class EmbeddedServer:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _detach(self) -> None:
+        """Leave the server to its watchdog (SharedEmbeddedServer's owner leaving while others
+        use it); see :func:`_detach`."""
+        with self._mutex:
+            _detach(self._state)
+
     def _release_process_and_lock(self) -> None:
         temp_dir, self._state.temp_dir = self._state.temp_dir, None
         try:
@@ -590,12 +708,22 @@ class EmbeddedServer:
             raise
         self._write_lock_record(server_pid=None)
 
-    def _write_lock_record(self, server_pid: int | None) -> None:
-        """Name this process and its server in the locked file, for whoever finds it locked."""
+    def _write_lock_record(self, server_pid: int | None, watchdog_pid: int | None = None) -> None:
+        """Name this process, its server and the server's watchdog in the locked file, for
+        whoever finds it locked.
+
+        Raises:
+            EmbeddedServerError: the lock file cannot be written.
+        """
         assert self._state.lock_fd is not None
-        record = f"owner={os.getpid()} server={server_pid or 0}\n".encode()
+        record = f"owner={os.getpid()} server={server_pid or 0}"
+        if watchdog_pid is not None:
+            record += f" watchdog={watchdog_pid}"
+        if self._state.clients_lock is not None:
+            record += " shared"  # SharedEmbeddedServer: newcomers may join it
+        record += "\n"
         try:
-            os.pwrite(self._state.lock_fd, record.ljust(_LOCK_RECORD_SIZE), 0)
+            os.pwrite(self._state.lock_fd, record.encode().ljust(_LOCK_RECORD_SIZE), 0)
             os.ftruncate(self._state.lock_fd, _LOCK_RECORD_SIZE)
         except OSError as exc:
             raise EmbeddedServerError(f"cannot write the lock file: {exc}") from exc
@@ -612,7 +740,7 @@ class EmbeddedServer:
                 (no /proc), could not be signalled or did not release the lock.
         """
         for _ in range(10):  # a new holder writes its record just after locking
-            owner, server = _read_lock_record(fd)
+            owner, server, watchdog = _read_lock_record(fd)
             if owner is not None:
                 break
             if _lock_available(fd):
@@ -634,6 +762,12 @@ class EmbeddedServer:
             raise EmbeddedServerError(
                 f"data directory {self._data_dir} is in use by streamstore process {owner} "
                 f"({this}{its_server}); stop that process, or {self._share_hint()}"
+            )
+        if server_alive and watchdog is not None and _process_alive(watchdog):
+            raise EmbeddedServerError(
+                f"data directory {self._data_dir} is in use by server pid {server}: its owner "
+                f"(pid {owner}) has left, and its watchdog (pid {watchdog}) stops it when the "
+                f"last process using it leaves; wait for that, or {self._share_hint()}"
             )
         if server is None or not server_alive:
             # A child the server forked (the AOF rewrite of its first start) shares the lock
@@ -766,6 +900,8 @@ class EmbeddedServer:
             self._state.process = process
             self._write_lock_record(server_pid=process.pid)
             self._start_watchdog(process, alive_read, log_fd)
+            assert self._state.watchdog is not None
+            self._write_lock_record(server_pid=process.pid, watchdog_pid=self._state.watchdog.pid)
             return process
         finally:
             os.close(log_fd)
@@ -800,6 +936,7 @@ class EmbeddedServer:
                     str(process.pid),
                     str(os.getpid()),
                     str(_STOP_TIMEOUT),
+                    "-" if self._state.clients_lock is None else str(self._state.clients_lock),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -843,36 +980,11 @@ class EmbeddedServer:
             delay = min(delay * 2, 0.1)
 
     def _ping(self, process: subprocess.Popen[bytes], timeout: float) -> bool:
-        """One raw RESP PING; True on ``+PONG`` from our own process.
-
-        False on refusal, timeout or ``-LOADING`` (the AOF is being replayed). ``INFO server``
-        is pipelined behind the PING so that, if our server failed to bind a port another
-        server owns, that other server's PONG is not taken for ours.
-        """
-        address: str | tuple[str, int]
+        """One raw RESP PING; True on ``+PONG`` from our own process (see :func:`_ping`)."""
         if self._unix_socket:
-            family, address = socket.AF_UNIX, str(self._socket_path)
-        else:
-            assert self._port is not None
-            family, address = socket.AF_INET, ("127.0.0.1", self._port)
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(address)
-                sock.sendall(_PING_AND_INFO)
-                with sock.makefile("rb") as replies:
-                    if not replies.readline().startswith(b"+PONG"):
-                        return False
-                    header = replies.readline()
-                    if not header.startswith(b"$"):
-                        return False
-                    info = replies.read(int(header[1:]))
-        except (OSError, ValueError):
-            return False
-        for line in info.splitlines():
-            if line.startswith(b"process_id:"):
-                return int(line.partition(b":")[2]) == process.pid
-        return False
+            return _ping(socket.AF_UNIX, str(self._socket_path), process.pid, timeout)
+        assert self._port is not None
+        return _ping(socket.AF_INET, ("127.0.0.1", self._port), process.pid, timeout)
 
     def _log_size(self) -> int:
         try:
@@ -892,3 +1004,320 @@ class EmbeddedServer:
         if not tail:
             return "server.log is empty"
         return "server.log ends with:\n" + "\n".join(tail)
+
+
+class SharedEmbeddedServer:
+    """One embedded server for every process on this machine that uses one data directory.
+
+    :meth:`open` either starts the server (this process becomes its owner, as
+    :class:`EmbeddedServer` with its watchdog) or joins the one another process started, and
+    returns its URL; :meth:`close` leaves it. The server stops when the last process using it
+    leaves, however that process ends (see the module docstring for how).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        unix_socket: bool = False,
+        appendfsync: Literal["always", "everysec", "no"] = "everysec",
+        binary: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        """Describe the server; nothing is started or joined until :meth:`open`. The options
+        matter only to the process that starts the server.
+
+        Raises:
+            ConfigurationError: as :class:`EmbeddedServer` raises for these options.
+            EmbeddedServerError: the unix socket path in ``data_dir`` would be too long.
+        """
+        self._data_dir = Path(data_dir).expanduser().resolve()
+        self._make_server = functools.partial(
+            EmbeddedServer,
+            data_dir=self._data_dir,
+            unix_socket=unix_socket,
+            appendfsync=appendfsync,
+            binary=binary,
+            startup_timeout=startup_timeout,
+        )
+        self._make_server()  # contradictory options fail now, not at open()
+        self._startup_timeout = startup_timeout
+        self._mutex = threading.RLock()
+        self._server: EmbeddedServer | None = None
+        self._url: str | None = None
+        self._server_pid: int | None = None
+        self._clients: list[int] = []  # the clients.lock descriptor while open (mutable box)
+        self._finalizer = weakref.finalize(self, _close_fds, self._clients)
+
+    @property
+    def url(self) -> str:
+        """The server's URL.
+
+        Raises:
+            EmbeddedServerError: not open.
+        """
+        if self._url is None:
+            raise EmbeddedServerError("the shared embedded server is not open")
+        return self._url
+
+    @property
+    def owner(self) -> bool:
+        """True if this process started the server (and its watchdog)."""
+        return self._server is not None
+
+    @property
+    def server_pid(self) -> int | None:
+        """The pid of the server in use while open, else None."""
+        return self._server_pid if self._url is not None else None
+
+    @property
+    def data_dir(self) -> Path:
+        """The shared data directory."""
+        return self._data_dir
+
+    def open(self) -> str:
+        """Join the server using this data directory, or start it; return its URL.
+
+        Waits while another process is starting the server or stopping it (its last user has
+        left), then retries, within ``startup_timeout`` plus twice the stop timeout.
+
+        Raises:
+            EmbeddedServerError: already open; the data directory or its lock files cannot be
+                created, opened or locked; the server could not be started (as
+                :meth:`EmbeddedServer.start` raises) or found ready in time; or the data
+                directory is locked by a process that is not a streamstore server.
+        """
+        with self._mutex:
+            if self._url is not None:
+                raise EmbeddedServerError(f"already using the embedded server at {self._url}")
+            deadline = time.monotonic() + self._startup_timeout + 2 * _STOP_TIMEOUT
+            clients = self._open_clients_lock()
+            try:
+                delay = 0.01
+                while True:
+                    _flock_until(clients, fcntl.LOCK_SH, deadline, self._data_dir)
+                    if self._join_or_start(clients):
+                        break
+                    fcntl.flock(clients, fcntl.LOCK_UN)  # let a stop that is due go ahead
+                    if time.monotonic() >= deadline:
+                        raise EmbeddedServerError(
+                            f"no usable embedded server in {self._data_dir}: the one recorded "
+                            f"in {LOCK_FILE} did not become ready or did not stop in time; see "
+                            f"{self._data_dir / LOG_FILE}"
+                        )
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+            except BaseException:
+                os.close(clients)
+                raise
+            self._clients.append(clients)
+            assert self._url is not None
+            return self._url
+
+    def close(self) -> None:
+        """Leave the server: stop it if this process is the last one using it; else, if this
+        process started it, hand it to its watchdog, which stops it when the last one leaves.
+        Calling it again, or without :meth:`open`, does nothing.
+
+        Raises:
+            Nothing on purpose; ``OSError`` only if a descriptor cannot be closed.
+        """
+        with self._mutex:
+            server, self._server = self._server, None
+            self._url = self._server_pid = None
+            if not self._clients:
+                return
+            clients = self._clients.pop()
+            try:
+                if server is None:
+                    return
+                fcntl.flock(clients, fcntl.LOCK_UN)
+                if _lock_available(clients):  # LOCK_EX: nobody else uses it, and nobody can
+                    pid = server.pid
+                    server.stop()  # join it until it is gone
+                    if pid is not None and _read_url_file(self._data_dir) == (server.url, pid):
+                        with contextlib.suppress(OSError):
+                            (self._data_dir / URL_FILE).unlink()
+                else:
+                    server._detach()
+                    logger.info(
+                        "embedded server left running for the processes still using it dir=%s",
+                        self._data_dir,
+                    )
+            finally:
+                os.close(clients)
+
+    def __enter__(self) -> str:
+        """:meth:`open`; returns the URL. Raises as :meth:`open` raises."""
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.owner else "client"
+        return f"<SharedEmbeddedServer {role} url={self._url} dir={self._data_dir}>"
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _open_clients_lock(self) -> int:
+        try:
+            self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return os.open(
+                self._data_dir / CLIENTS_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"cannot open {str(self._data_dir / CLIENTS_LOCK_FILE)!r}: {exc}"
+            ) from exc
+
+    def _join_or_start(self, clients: int) -> bool:
+        """With LOCK_SH on ``clients`` held: start the server if the data directory is free,
+        join the recorded one if it answers, take over an orphan nobody uses; False to retry.
+
+        Raises:
+            EmbeddedServerError: as :meth:`EmbeddedServer.start` raises, or the lock file
+                cannot be opened.
+        """
+        lock_path = self._data_dir / LOCK_FILE
+        try:
+            lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EmbeddedServerError(f"cannot open {str(lock_path)!r}: {exc}") from exc
+        try:
+            free = _lock_available(lock)
+        except OSError as exc:
+            os.close(lock)
+            raise EmbeddedServerError(f"cannot lock {str(lock_path)!r}: {exc}") from exc
+        if free:
+            self._start(lock)
+            return True
+        try:
+            owner, server, watchdog = _read_lock_record(lock)
+            shared = _lock_record_shared(lock)
+        finally:
+            os.close(lock)
+        if not shared and owner is not None and _process_alive(owner):
+            raise EmbeddedServerError(
+                f"data directory {self._data_dir} is in use by streamstore process {owner} "
+                f"(its server: pid {server}), which does not share it; stop that process, or "
+                f"give every process its URL (--redis-url / STREAMSTORE_REDIS_URL)"
+            )
+        recorded = _read_url_file(self._data_dir)
+        answers = (
+            recorded is not None
+            and server is not None
+            and recorded[1] == server
+            and _ping_url(recorded[0], server, timeout=1.0)
+        )
+        supervised = any(pid is not None and _process_alive(pid) for pid in (owner, watchdog))
+        if answers and supervised:
+            assert recorded is not None
+            self._joined(*recorded)
+            return True
+        if supervised or owner is None:
+            return False  # being started or stopped (or the record is not written yet)
+        # An orphan: its owner and its watchdog are dead. Take it over if nobody uses it.
+        fcntl.flock(clients, fcntl.LOCK_UN)
+        if _lock_available(clients):
+            try:
+                self._start(None)  # EmbeddedServer._take_over stops the orphan
+            finally:
+                fcntl.flock(clients, fcntl.LOCK_SH)  # nobody else can hold LOCK_EX here
+            return True
+        _flock_until(clients, fcntl.LOCK_SH, time.monotonic() + _STOP_TIMEOUT, self._data_dir)
+        if answers:
+            logger.warning(
+                "embedded server pid=%s has no owner and no watchdog; joining it, it will run "
+                "until the next process that finds it unused takes it over",
+                server,
+            )
+            assert recorded is not None
+            self._joined(*recorded)
+            return True
+        return False
+
+    def _start(self, lock: int | None) -> None:
+        """Start the server as its owner (``lock``: the data-directory lock, already held).
+
+        Raises:
+            EmbeddedServerError: as :meth:`EmbeddedServer.start` raises, or ``server.url``
+                cannot be written (the server is stopped then).
+        """
+        server = self._make_server()
+        server._state.clients_lock = self._data_dir / CLIENTS_LOCK_FILE
+        if lock is not None:
+            server._state.lock_fd = lock
+            try:
+                server._write_lock_record(server_pid=None)
+            except BaseException:
+                server.stop()  # closes the lock
+                raise
+        server.start()
+        pid = server.pid
+        assert pid is not None
+        try:
+            _write_url_file(self._data_dir, server.url, pid)
+        except OSError as exc:
+            server.stop()
+            raise EmbeddedServerError(f"cannot write {self._data_dir / URL_FILE}: {exc}") from exc
+        self._server, self._url, self._server_pid = server, server.url, pid
+        logger.info("embedded server shared pid=%d url=%s", pid, server.url)
+
+    def _joined(self, url: str, pid: int) -> None:
+        self._url, self._server_pid = url, pid
+        logger.info("embedded server joined pid=%d url=%s", pid, url)
+
+
+def _close_fds(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
+
+
+def _flock_until(fd: int, operation: int, deadline: float, data_dir: Path) -> None:
+    """``flock(fd, operation)``, polled until ``deadline``.
+
+    Raises:
+        EmbeddedServerError: not granted by ``deadline``.
+    """
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise EmbeddedServerError(
+                    f"{data_dir / CLIENTS_LOCK_FILE} stayed locked: the embedded server in "
+                    f"{data_dir} is being stopped and did not finish in time"
+                ) from None
+            time.sleep(0.02)
+        else:
+            return
+
+
+def _write_url_file(data_dir: Path, url: str, pid: int) -> None:
+    """Write ``server.url`` (the URL, then the server's pid) atomically: a reader sees the old
+    file or the new one, never a part.
+
+    Raises:
+        OSError: it cannot be written.
+    """
+    temporary = data_dir / f".{URL_FILE}.{os.getpid()}"
+    temporary.write_text(f"{url}\n{pid}\n")
+    os.replace(temporary, data_dir / URL_FILE)
+
+
+def _read_url_file(data_dir: Path) -> tuple[str, int] | None:
+    """The URL and the server pid in ``server.url``, or None if absent or unreadable."""
+    try:
+        lines = (data_dir / URL_FILE).read_text().split()
+    except OSError:
+        return None
+    if len(lines) != 2 or not lines[1].isdigit():
+        return None
+    return lines[0], int(lines[1])
