@@ -52,8 +52,9 @@ class Settings:
     Attributes:
         redis_url: ``redis://``, ``rediss://`` or ``unix://``; for a Redis Cluster,
             ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS),
-            naming any of its nodes: the client discovers the others. None starts the
-            embedded server.
+            naming any of its nodes: the client discovers the others; ``memory://NAME``: a
+            server inside this process (fakeredis; nothing survives it). None starts the
+            embedded server (shared by the processes of one data directory).
         history_url: ``sqlite:///path.db`` or ``memory://``.
         key_prefix: first part of every Redis key; lets several deployments share a server.
         partitions: number of partition feeds; fixed per deployment (checked at start).

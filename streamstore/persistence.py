@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -120,7 +119,8 @@ class PersistenceConfig:
 
     Attributes:
         storage_type: ``sqlite`` (default), ``json`` (readable files), ``redis`` (history in
-            the Redis server itself), ``memory`` (nothing survives the process) or
+            the Redis server itself), ``memory`` (everything in this process, no server at
+            all unless ``redis_url`` is given: nothing survives the process) or
             ``postgres`` (``history_url`` names the database).
         storage_path: the directory holding the history and the embedded server's data.
         cleanup_days: ``cleanup()`` deletes messages older than this (None: never).
@@ -185,9 +185,8 @@ class PersistenceConfig:
             max_messages_per_session=self.max_messages_per_session,
         )
 
-    def store_settings(self, scratch: Path | None) -> Settings:
-        """streamstore's settings for this storage type (``scratch``: the temporary directory
-        of a ``memory`` store).
+    def store_settings(self) -> Settings:
+        """streamstore's settings for this storage type.
 
         Raises:
             ConfigurationError: ``postgres`` without a ``postgresql://`` history URL.
@@ -199,9 +198,10 @@ class PersistenceConfig:
                     "storage_type 'postgres' needs history_url=postgresql://user@host/db"
                 )
             return self.settings
-        if self.storage_type == "memory":
-            assert scratch is not None
-            return self.settings.replace(history_url="memory://", embedded_dir=str(scratch))
+        if self.storage_type == "memory":  # an in-process server of its own, unless a URL is given
+            return self.settings.replace(
+                redis_url=self.settings.redis_url or "memory://", history_url="memory://"
+            )
         if self.storage_type == "json":
             return self.settings.replace(
                 history_url=f"json:///{root.absolute()}", embedded_dir=str(root / "redis")
@@ -242,13 +242,10 @@ class AsyncSessionPersistence:
             StreamStoreError: as :meth:`StreamStore.open` raises.
         """
         async with contextlib.AsyncExitStack() as stack:
-            scratch = None
-            if self.config.storage_type == "memory":
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            else:
+            if self.config.storage_type != "memory":
                 root = Path(self.config.storage_path)
                 await anyio.to_thread.run_sync(_make_dir, root)
-            settings = self.config.store_settings(scratch)
+            settings = self.config.store_settings()
             store = await stack.enter_async_context(StreamStore.open(settings=settings))
             group = await stack.enter_async_context(anyio.create_task_group())
             persister = Persister(store, PersisterSettings.from_env(consumer=_consumer()))

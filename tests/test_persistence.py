@@ -195,6 +195,33 @@ def test_the_seeds_configuration_keys_and_no_others() -> None:
         PersistenceConfig.from_mapping({"backup_interval": "weekly"})
 
 
+def test_memory_storage_needs_no_server_and_writes_nothing(tmp_path: Path) -> None:
+    """The whole broker in this process (fakeredis + the memory history): no server process,
+    no file, and the same calls."""
+    servers_before = _servers()
+    with SessionPersistence(storage_type="memory", storage_path=str(tmp_path / "s")) as p:
+        session = p.create_session(participants=["a", "b"])
+        p.add_message(chat(session.session_id, "in process"))
+        assert [m.content for m in p.get_messages(session.session_id)] == ["in process"]
+        assert p.config.store_settings().redis_url == "memory://"
+        assert _servers() == servers_before  # no valkey-server started
+    assert not (tmp_path / "s").exists()
+
+
+def _servers() -> set[int]:
+    """Pids of the valkey/redis servers running now."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if name.startswith(("valkey-server", "redis-server")):
+                found.add(int(entry.name))
+    return found
+
+
 def test_memory_storage_keeps_nothing_after_close(settings: Settings, tmp_path: Path) -> None:
     memory = {**options(settings, tmp_path), "storage_type": "memory"}
     with SessionPersistence(**memory) as persistence:

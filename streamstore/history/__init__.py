@@ -143,13 +143,17 @@ def history_url_on(history_url: str, redis_url: str) -> str:
     server at ``redis_url`` (credentials, database and TLS included).
 
     Raises:
-        ConfigurationError: :data:`SAME_SERVER` with a Redis Cluster.
+        ConfigurationError: :data:`SAME_SERVER` with a Redis Cluster or ``memory://``.
     """
     if history_url != SAME_SERVER:
         return history_url
     scheme, _, rest = redis_url.partition("://")
     if "cluster" in scheme:
         raise ConfigurationError("history in Redis itself does not support a Redis Cluster")
+    if scheme == "memory":
+        raise ConfigurationError(
+            "history in Redis itself needs a Redis server, not memory:// (use memory:// history)"
+        )
     return f"{scheme}+history://{rest}"
 
 
