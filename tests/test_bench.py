@@ -38,6 +38,8 @@ FIGURES = {
     "latency p50 / XADD -> XREAD BLOCK",
     "latency p99 / XADD -> XREAD BLOCK",
     "latency max / XADD -> XREAD BLOCK",
+    "latency p50 in process (memory://) / on the server",
+    "latency p99 in process (memory://) / on the server",
     "peak RSS / RSS at start",
 }
 POSTGRES_FIGURES = (

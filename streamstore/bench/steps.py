@@ -220,6 +220,42 @@ class Bench:
             f"(baseline {raw_rate:,.0f}): p50 {p50.value:.2f} ms vs {p50.baseline:.2f}, "
             f"p99 {p99.value:.2f} ms vs {p99.baseline:.2f}"
         )
+        await self._latency_in_process(store_lat, total, step=step)
+
+    async def _latency_in_process(self, on_server: list[float], total: int, *, step: int) -> None:
+        """The same publish -> subscribe latency with the whole broker in this process
+        (``memory://``: fakeredis), against streamstore on the server just measured."""
+        settings = self._settings.replace(
+            redis_url=f"memory://bench-{new_prefix()}",
+            history_url="memory://",
+            key_prefix=new_prefix(),
+        )
+        async with StreamStore.open(settings=settings) as store:
+            session = (await store.create_session([SENDER, RECIPIENT])).id
+
+            async def publish(i: int) -> None:
+                await store.publish(
+                    session, sender=SENDER, recipient=RECIPIENT, content=CONTENT, id=f"m{i}"
+                )
+
+            latencies, _ = await self._paced(
+                publish, lambda sent: _subscribe_latencies(store, session, sent), total
+            )
+        for label, q in (("p50", 0.50), ("p99", 0.99)):
+            self.add(
+                Figure(
+                    f"latency {label} in process (memory://) / on the server",
+                    "ms",
+                    _percentile(latencies, q) * 1000,
+                    _percentile(on_server, q) * 1000,
+                    False,
+                )
+            )
+        p50, p99 = self.figures[-2], self.figures[-1]
+        self._say(
+            f"[{step}/{self.steps}] latency in process (memory://): p50 {p50.value:.2f} ms, "
+            f"p99 {p99.value:.2f} ms (on the server: {p50.baseline:.2f}, {p99.baseline:.2f})"
+        )
 
     async def hold(self, seconds: float, *, step: int) -> None:
         """The ``--hold`` step (:func:`~streamstore.bench.hold.hold_step`): a real ``streamstore
