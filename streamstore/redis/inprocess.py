@@ -5,7 +5,8 @@ the same Lua scripts run), for tests, demos and single-process use. Nothing surv
 deployment in the process, shares its data until the process ends (``forget`` drops it).
 ``memory://`` alone is a fresh, private server for each client (each ``Deployment.open``).
 
-fakeredis is an optional dependency: ``pip install 'streamstore-bus[memory]'``.
+fakeredis is an optional dependency: the ``memory`` extra (``pip install '.[memory]'`` in
+streamstore's source tree).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def connect_in_process(url: str, settings: Settings) -> Redis:
         raise ConfigurationError(f"{', '.join(tls)} given with memory://: it has no network")
     if any(importlib.util.find_spec(module) is None for module in ("fakeredis", "lupa")):
         raise ConfigurationError(  # fakeredis serves the commands, lupa runs the Lua scripts
-            "redis_url memory:// needs fakeredis and lupa: pip install 'streamstore-bus[memory]'"
+            "redis_url memory:// needs fakeredis and lupa: the memory extra "
+            "(pip install '.[memory]' in streamstore's source tree)"
         )
     from fakeredis import FakeServer  # noqa: PLC0415  (optional: imported only for memory://)
     from fakeredis.aioredis import FakeAsyncRedisConnection  # noqa: PLC0415
