@@ -30,9 +30,9 @@ examples:
   streamstore sessions delete support-42 --yes     # asks first on a terminal
 
 Without --redis-url (or $STREAMSTORE_REDIS_URL) a command starts a private embedded server
-whose data lives beside the history file (./streamstore.db-redis). Only one process at a time
-can use it: to run a worker and other commands together, start `streamstore server` and pass
-its URL.
+whose data lives beside the history file (./streamstore.db-redis), or joins the one another
+process on that directory already runs (a worker and other commands share it); the server
+stops when the last of them leaves.
 
 Global options go before or after the command (`streamstore stats --json -v`).
 
