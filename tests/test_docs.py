@@ -66,7 +66,7 @@ def test_no_instruction_installs_the_unrelated_streamstore_from_the_index() -> N
     """`streamstore` on the public package index is somebody else's project: nothing here may
     tell anyone to install it by that name (a dependency-confusion trap)."""
     assert 'name = "streamstore"' not in (ROOT / "pyproject.toml").read_text()
-    by_name = re.compile(r"pip install[^\n`]*?(?<![\w./-])['\"]?streamstore(\[|['\"\s]|$)")
+    by_name = re.compile(r"pip install\s+(?:-\S+\s+)*['\"]?streamstore(?:\[|['\"]?(?:\s|$))")
     offenders = []
     for pattern in INSTALLED_FILES:
         for path in ROOT.rglob(pattern):
