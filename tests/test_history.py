@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import sqlite3
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -61,6 +63,29 @@ def positions(messages: list[Message]) -> list[StreamId | None]:
 def sqlite_url(path: Path, **options: str) -> str:
     query = "&".join(f"{name}={value}" for name, value in options.items())
     return f"sqlite:///{path}" + (f"?{query}" if query else "")
+
+
+def conformance_tests() -> dict[str, Callable[..., Any]]:
+    """Every test of this suite that takes the ``store`` fixture. Another backend's test
+    module binds them (``globals().update(...)``) beside a ``store`` fixture of its own:
+    pytest resolves a fixture where the test is collected."""
+    return {
+        name: function
+        for name, function in globals().items()
+        if name.startswith("test_")
+        and callable(function)
+        and "store" in inspect.signature(function).parameters
+    }
+
+
+def store_tests_collected(request: pytest.FixtureRequest, module: ModuleType) -> set[str]:
+    """Names of this run's tests collected in ``module`` that take ``store`` (empty when the
+    run selected only the caller: -k, a node id)."""
+    return {
+        getattr(item, "originalname", item.name)
+        for item in request.session.items
+        if getattr(item, "module", None) is module and "store" in getattr(item, "fixturenames", ())
+    }
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

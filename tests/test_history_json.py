@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import inspect
 import os
 import random
 import signal
@@ -37,13 +36,7 @@ from tests.test_history import assert_counts_exact, message
 
 # Every test of tests/test_history.py that takes the `store` fixture, under its own name: pytest
 # collects them in this module and resolves `store` to the fixture below.
-CONFORMANCE: dict[str, Callable[..., Any]] = {
-    name: function
-    for name, function in vars(conformance).items()
-    if name.startswith("test_")
-    and callable(function)
-    and "store" in inspect.signature(function).parameters
-}
+CONFORMANCE = conformance.conformance_tests()
 globals().update(CONFORMANCE)
 
 
@@ -59,13 +52,8 @@ async def store(tmp_path: Path) -> AsyncIterator[HistoryStore]:
 
 def test_the_whole_conformance_suite_is_collected_here(request: pytest.FixtureRequest) -> None:
     assert len(CONFORMANCE) >= 20  # tests/test_history.py has 22 today
-    collected = {
-        getattr(item, "originalname", item.name)
-        for item in request.session.items
-        if getattr(item, "module", None) is sys.modules[__name__]
-        and "store" in getattr(item, "fixturenames", ())
-    }
-    if collected:  # empty when only this test was selected (-k, node id)
+    collected = conformance.store_tests_collected(request, sys.modules[__name__])
+    if collected:
         assert collected == set(CONFORMANCE)
 
 
