@@ -151,21 +151,8 @@ class _Entry:
         ]
 
     def session(self, session_id: str) -> Session:
-        last_ms, last_seq = (None, None) if self.last is None else self.last
-        return session_from_row(
-            (
-                session_id,
-                self.participants,
-                self.created_at,
-                self.last_active_at,
-                self.ttl,
-                self.metadata,
-                self.state,
-                self.count,
-                last_ms,
-                last_seq,
-            )
-        )
+        # to_json's first nine columns are codec's catalog row after the id
+        return session_from_row((session_id, *self.to_json()[:9]))
 
 
 @dataclasses.dataclass(slots=True)
