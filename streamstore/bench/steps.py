@@ -193,27 +193,11 @@ class Bench:
             async def by_hand(i: int) -> None:
                 await self._raw.xadd(key, {"i": i, **raw_fields()})
 
-            async def streamstore(i: int) -> None:
-                await store.publish(
-                    session, sender=SENDER, recipient=RECIPIENT, content=CONTENT, id=f"m{i}"
-                )
-
             raw_lat, raw_rate = await self._paced(
                 by_hand, lambda sent: xread_latencies(self._raw, key, sent), total
             )
-            store_lat, store_rate = await self._paced(
-                streamstore, lambda sent: _subscribe_latencies(store, session, sent), total
-            )
-        for label, q in (("p50", 0.50), ("p99", 0.99), ("max", 1.0)):
-            self.add(
-                Figure(
-                    f"latency {label} / XADD -> XREAD BLOCK",
-                    "ms",
-                    _percentile(store_lat, q) * 1000,
-                    _percentile(raw_lat, q) * 1000,
-                    False,
-                )
-            )
+            store_lat, store_rate = await self._store_latencies(store, session, total)
+        self._latency_figures("{} / XADD -> XREAD BLOCK", store_lat, raw_lat, ("p50", "p99", "max"))
         p50, p99 = self.figures[-3], self.figures[-2]
         self._say(
             f"[{step}/{self.steps}] latency, {total:,} messages at {store_rate:,.0f} msg/s "
@@ -232,30 +216,46 @@ class Bench:
         )
         async with StreamStore.open(settings=settings) as store:
             session = (await store.create_session([SENDER, RECIPIENT])).id
-
-            async def publish(i: int) -> None:
-                await store.publish(
-                    session, sender=SENDER, recipient=RECIPIENT, content=CONTENT, id=f"m{i}"
-                )
-
-            latencies, _ = await self._paced(
-                publish, lambda sent: _subscribe_latencies(store, session, sent), total
-            )
-        for label, q in (("p50", 0.50), ("p99", 0.99)):
-            self.add(
-                Figure(
-                    f"latency {label} in process (memory://) / on the server",
-                    "ms",
-                    _percentile(latencies, q) * 1000,
-                    _percentile(on_server, q) * 1000,
-                    False,
-                )
-            )
+            latencies, _ = await self._store_latencies(store, session, total)
+        name = "{} in process (memory://) / on the server"
+        self._latency_figures(name, latencies, on_server, ("p50", "p99"))
         p50, p99 = self.figures[-2], self.figures[-1]
         self._say(
             f"[{step}/{self.steps}] latency in process (memory://): p50 {p50.value:.2f} ms, "
             f"p99 {p99.value:.2f} ms (on the server: {p50.baseline:.2f}, {p99.baseline:.2f})"
         )
+
+    async def _store_latencies(
+        self, store: StreamStore, session: str, total: int
+    ) -> tuple[list[float], float]:
+        """``store.publish`` at the configured rate, ``store.subscribe`` receiving: each
+        message's latency, and the rate achieved."""
+
+        async def publish(i: int) -> None:
+            await store.publish(
+                session, sender=SENDER, recipient=RECIPIENT, content=CONTENT, id=f"m{i}"
+            )
+
+        return await self._paced(
+            publish, lambda sent: _subscribe_latencies(store, session, sent), total
+        )
+
+    def _latency_figures(
+        self, name: str, latencies: list[float], baseline: list[float], labels: tuple[str, ...]
+    ) -> None:
+        """One figure (ms) per percentile label (``p50``, ``p99``, ``max``), named by
+        ``name.format(label)``."""
+        for label in labels:
+            q = 1.0 if label == "max" else int(label[1:]) / 100
+            self.add(
+                Figure(
+                    name.format(f"latency {label}"),
+                    "ms",
+                    _percentile(latencies, q) * 1000,
+                    _percentile(baseline, q) * 1000,
+                    False,
+                )
+            )
 
     async def hold(self, seconds: float, *, step: int) -> None:
         """The ``--hold`` step (:func:`~streamstore.bench.hold.hold_step`): a real ``streamstore
