@@ -86,7 +86,8 @@ class Deployment:
             client = connect(url, settings)
             stack.push_async_callback(client.aclose)
             keys = Keyspace(settings.key_prefix, settings.partitions)
-            info = await check_server(client, settings, keys, user=url_user(url))
+            scripts = Scripts.register(client)
+            info = await check_server(client, settings, keys, scripts, user=url_user(url))
             history = history_from_url(history_url_on(settings.history_url, url))
             await history.open()
             stack.push_async_callback(history.close)
@@ -95,7 +96,7 @@ class Deployment:
                 url=url,
                 topology=topology_of(client),
                 keys=keys,
-                scripts=Scripts.register(client),
+                scripts=scripts,
                 server=info,
                 history=history,
             )

@@ -102,10 +102,16 @@ def drops_script_writes(name: str, version: tuple[int, ...]) -> bool:
 
 
 async def check_server(
-    client: Client, settings: Settings, keys: Keyspace, *, user: str | None = None
+    client: Client,
+    settings: Settings,
+    keys: Keyspace,
+    scripts: Scripts,
+    *,
+    user: str | None = None,
 ) -> ServerInfo:
     """Verify version, eviction policy, script replay and partition count, and read or set the
-    deployment's epoch, before anything is written. ``user`` is the connection's Redis user.
+    deployment's epoch, before anything is written. ``scripts`` are registered on ``client``;
+    ``user`` is the connection's Redis user.
 
     A server inside this process (``memory://``) is described by its topology: it never evicts
     and has no append-only file, so nothing is replayed and ACL DRYRUN (which fakeredis lacks)
@@ -174,7 +180,7 @@ async def check_server(
             "messages not yet persisted to history"
         )
     with translate_redis_errors(user=user):
-        epoch = await _record_deployment(client, settings, keys, Scripts.register(client))
+        epoch = await _record_deployment(client, settings, keys, scripts)
     return ServerInfo(name, version, policy, appendonly, replays, epoch, topology.in_process)
 
 
