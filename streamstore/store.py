@@ -34,7 +34,6 @@ from streamstore.errors import (
     ValidationError,
     WaitTimeoutError,
     script_refusal,
-    translate_redis_errors,
 )
 from streamstore.health import HealthReport, check_deployment
 from streamstore.history import HistoryStore
@@ -74,7 +73,6 @@ class StreamStore:
         self._client = deployment.client
         self._history = deployment.history
         self._scripts = deployment.scripts
-        self._user = deployment.user
         self._window_ms = max(1, int(deployment.settings.dedup_window_s * 1000))
         self._publisher = PublishCoalescer(
             deployment.topology,
@@ -204,7 +202,7 @@ class StreamStore:
         )
         keys = self.keys.session(session_id)
         try:
-            with translate_redis_errors(user=self._user):
+            with self._deployment.redis_errors():
                 await self._scripts.create_session(
                     keys=[keys.meta, keys.index, keys.deadlines, keys.feed],
                     args=[
@@ -229,7 +227,7 @@ class StreamStore:
             SessionNotFoundError: neither tier knows it.
         """
         validate_session_id(session_id)
-        with translate_redis_errors(user=self._user):
+        with self._deployment.redis_errors():
             meta = await self._client.hgetall(self.keys.session(session_id).meta)
         if meta:
             return decode_session_meta(session_id, meta)
@@ -248,7 +246,7 @@ class StreamStore:
         if limit < 1:
             raise ValidationError("limit must be positive")
         start = b"-" if after is None else b"(" + validate_session_id(after).encode()
-        with translate_redis_errors(user=self._user):
+        with self._deployment.redis_errors():
             async with self._client.pipeline(transaction=False) as pipe:
                 for p in range(self.keys.partitions):
                     pipe.zrangebylex(self.keys.index(p), start, b"+", start=0, num=limit)
@@ -258,7 +256,7 @@ class StreamStore:
         ids = sorted(live | stored.keys())[:limit]
         # Redis is the truth while it holds a session's meta (tombstones included): history's
         # catalog learns of a close or delete only when the persister reaches it.
-        with translate_redis_errors(user=self._user):
+        with self._deployment.redis_errors():
             async with self._client.pipeline(transaction=False) as pipe:
                 for sid in ids:
                     pipe.hgetall(self.keys.session(sid).meta)
@@ -296,7 +294,7 @@ class StreamStore:
         if current.state is SessionState.DELETED and state is SessionState.CLOSED:
             raise SessionClosedError(session_id, "deleted")
         ended = dataclasses.replace(current, state=state, last_active_at=time.time())
-        with translate_redis_errors(user=self._user):
+        with self._deployment.redis_errors():
             previous = await self._scripts.end_session(
                 self.keys,
                 ended,
@@ -432,7 +430,7 @@ class StreamStore:
             fresh=fresh,
         )
         try:
-            with translate_redis_errors(user=self._user):
+            with self._deployment.redis_errors():
                 return await self._publisher.publish(batch)
         except Exception as exc:
             _raise_script_error(exc, session_id)
@@ -515,7 +513,7 @@ class StreamStore:
         Raises:
             ConnectionLostError: the server cannot be reached.
         """
-        with translate_redis_errors(user=self._user):
+        with self._deployment.redis_errors():
             await self._client.hdel(self.keys.deployment, "data_lost_at")
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
@@ -639,7 +637,7 @@ class StreamStore:
     async def _resolve(self, session_id: str, after: Cursor) -> StreamId:
         """Check that the session exists and turn ``after`` into a concrete position."""
         validate_session_id(session_id)
-        with translate_redis_errors(user=self._user):
+        with self._deployment.redis_errors():
             meta = await self._client.hmget(
                 self.keys.session(session_id).meta, ["state", "last_id"]
             )
