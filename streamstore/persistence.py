@@ -368,14 +368,15 @@ class AsyncSessionPersistence:
         wanted = None if state is None else SessionState(state)
         found: list[ChatSession] = []
         cursor = after
+        page_size = max(limit, 100)
         while len(found) < limit:
-            page = await self.store.list_sessions(after=cursor, limit=max(limit, 100))
+            page = await self.store.list_sessions(after=cursor, limit=page_size)
             for session in page:
                 if (participant is None or participant in session.participants) and (
                     wanted is None or session.state is wanted
                 ):
                     found.append(ChatSession.of(session))
-            if len(page) < max(limit, 100):
+            if len(page) < page_size:
                 break
             cursor = page[-1].id
         return found[:limit]
